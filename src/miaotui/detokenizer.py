@@ -1,0 +1,82 @@
+"""Incremental detokenization: text deltas that never split a UTF-8 character or leak a stop string.
+
+A byte-level BPE token can end in the middle of a multi-byte character; decoding it alone
+gives U+FFFD. We decode a short window of recent tokens and emit only when the window's text
+grows without a trailing U+FFFD. Text that could be the start of a stop string is held back
+until it either completes the stop string (then it is cut off) or cannot anymore.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Tokens of context decoded before the new ones, so tokenizers that drop a leading space on
+# the first token of a decode still produce the right text.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""  # all decoded output text, possibly past a stop string
+        self.emitted = 0  # characters of `text` handed to the user so far
+        self.stopped_by: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_token(self, token_id: int) -> None:
+        """Decode one more token into `text` (possibly nothing yet, if it ends mid-character)."""
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.token_ids)
+
+    def find_stop(self) -> bool:
+        """Cut `text` at the first stop string; True when one was found."""
+        if not self.stop or self.stopped_by is not None:
+            return self.stopped_by is not None
+        longest = max(len(s) for s in self.stop)
+        start = max(self.emitted - longest + 1, 0)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            idx = self.text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return False
+        self.text = self.text[: best[0]]
+        self.stopped_by = best[1]
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def delta(self, finished: bool) -> str:
+        """New text the user may see now. When finished, everything left is released."""
+        end = len(self.text) if finished or self.stopped_by else len(self.text) - self._held_back()
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+    @property
+    def output_text(self) -> str:
+        return self.text[: self.emitted]

@@ -1,0 +1,193 @@
+"""LLMEngine: add_request / step / abort. Everything else (LLM, CLI, server) is a loop over step()."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.detokenizer import IncrementalDetokenizer
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.scheduler import Scheduler
+from miaotui.errors import PromptTooLongError
+from miaotui.loader import eos_token_ids, load_model, resolve_model
+from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
+from miaotui.request import Request, RequestStatus
+from miaotui.runner.model_runner import ModelRunner
+from miaotui.sampling_params import SamplingParams
+from miaotui.tokenizer import load_tokenizer
+
+
+@dataclass(slots=True)
+class _ParentRequest:
+    """A user request: n child sequences, their detokenizers and their user-facing outputs."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.status.finished for c in self.children)
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len: {requested} exceeds the model's context window of {limit} tokens")
+    return requested
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None) -> None:
+        self.model_config = model_config
+        cache_config = cache_config or CacheConfig()
+        scheduler_config = scheduler_config or SchedulerConfig()
+        source = resolve_model(model_config.model)
+        self.model_path = str(source.path)
+        tok_source, tok_is_gguf = (
+            (model_config.tokenizer, False) if model_config.tokenizer else (str(source.path), source.is_gguf)
+        )
+        self.tokenizer = load_tokenizer(tok_source, tok_is_gguf)
+        self.model, self.hf_config = load_model(source, model_config)
+        self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
+        self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
+        self.runner = ModelRunner(self.model, model_config, cache_config, self.max_model_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size)
+        self.scheduler = Scheduler(scheduler_config, self.kv)
+        self._parents: dict[str, _ParentRequest] = {}
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # --- requests in -----------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> str:
+        """Queue a request; `prompt` is text or token ids. Returns its id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        children = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
+            generator = None
+            if params.seed is not None:
+                # n > 1 children get seed + i: reproducible, yet not n copies of one sample.
+                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            children.append(Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
+                                    parent_id=request_id, index=i, generator=generator))
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
+                  for _ in children]
+        outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
+                                    cumulative_logprob=0.0 if params.logprobs is not None else None)
+                   for i in range(params.n)]
+        self._parents[request_id] = _ParentRequest(text, ids, children, detoks, outputs)
+        for child in children:
+            self.scheduler.add(child)
+        return request_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt is {len(ids)} tokens, but the model's context is {self.max_model_len} tokens "
+                f"(the prompt must leave room for at least one generated token)"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.finish(child.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # --- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return the requests that advanced."""
+        sched = self.scheduler.schedule()
+        sampled, logprobs = self.runner.execute(sched) if sched.seqs else ({}, {})
+        self.prompt_tokens_total += sum(
+            min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.start, 0)) for s in sched.seqs
+        )
+        updated = self.scheduler.update(sched, sampled)
+        self.generation_tokens_total += len(updated)
+        touched: dict[str, _ParentRequest] = {}
+        for request in updated:
+            lp = logprobs.get(request.request_id)
+            if lp is not None:
+                request.output_logprobs.append(lp)
+            parent = self._parents.get(request.parent_id)
+            if parent is None:
+                continue
+            self._emit(parent, request)
+            touched[request.parent_id] = parent
+        results = []
+        for parent_id, parent in touched.items():
+            results.append(self._snapshot(parent_id, parent))
+            if parent.finished:
+                del self._parents[parent_id]
+        return results
+
+    def _emit(self, parent: _ParentRequest, request: Request) -> None:
+        detok = parent.detokenizers[request.index]
+        detok.add_token(request.output_token_ids[-1])
+        if detok.find_stop():
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_by)
+        out = parent.outputs[request.index]
+        out.text += detok.delta(request.status.finished)
+        out.token_ids.append(request.output_token_ids[-1])
+        if out.logprobs is not None and request.output_logprobs:
+            sampled_lp, top = request.output_logprobs[-1]
+            token = request.output_token_ids[-1]
+            entry = {tid: Logprob(val, rank=r + 1, decoded_token=self.tokenizer.decode([tid]))
+                     for r, (tid, val) in enumerate(top)}
+            if token not in entry:
+                entry[token] = Logprob(sampled_lp, rank=None, decoded_token=self.tokenizer.decode([token]))
+            out.logprobs.append(entry)
+            out.cumulative_logprob += sampled_lp
+        out.finish_reason = request.finish_reason
+        out.stop_reason = request.stop_reason
+
+    @staticmethod
+    def _snapshot(parent_id: str, parent: _ParentRequest) -> RequestOutput:
+        outs = [
+            CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob,
+                             list(o.logprobs) if o.logprobs is not None else None,
+                             o.finish_reason, o.stop_reason)
+            for o in parent.outputs
+        ]
+        return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outs, parent.finished)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "preempted": self.scheduler.num_preemptions,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_blocks_used": self.runner.num_blocks - self.kv.num_free_blocks,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

@@ -1,0 +1,106 @@
+"""LLM: the offline Python API vLLM users already know (generate, chat)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.engine.llm_engine import LLMEngine
+from miaotui.outputs import RequestOutput
+from miaotui.sampling_params import SamplingParams
+from miaotui.tokenizer import chat_prompt_ids
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts: expected a string, token ids, or a list of them, got {type(prompts).__name__}")
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError("prompts: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, (str, list)):
+        return prompt
+    raise ValueError(f"prompts: unsupported prompt type {type(prompt).__name__}")
+
+
+class LLM:
+    """Load a model once, then generate for many prompts in continuous batches.
+
+    `model=None` uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF).
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
+                 dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
+                 seed: int = 0, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory_gib: float = 1.0, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048) -> None:
+        self.engine = LLMEngine(
+            ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
+                        max_model_len=max_model_len, seed=seed),
+            CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                        kv_cache_memory_gib=kv_cache_memory_gib),
+            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        )
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt; outputs come back in the order of `prompts`."""
+        items = [_prompt_input(p) for p in _as_prompt_list(prompts)]
+        return self._run(items, sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or several (a list of such lists)."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        items = [chat_prompt_ids(self.engine.tokenizer, conv, add_generation_prompt, chat_template)
+                 for conv in conversations]
+        return self._run(items, sampling_params, use_tqdm)
+
+    def _run(self, items: list[str | list[int]],
+             sampling_params: SamplingParams | list[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(items):
+                raise ValueError(
+                    f"sampling_params: got {len(sampling_params)} for {len(items)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(items)
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for item, p in zip(items, params):
+                ids.append(engine.add_request(None, item, p))
+        except Exception:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
+                  delay=1.0, leave=False) as bar:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[rid] for rid in ids]

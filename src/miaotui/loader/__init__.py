@@ -1,0 +1,117 @@
+"""Turn a model reference (None, a Hugging Face folder, or a .gguf file) into a ready nn.Module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from miaotui.config import ModelConfig, env_default_model
+from miaotui.errors import ModelLoadError, ModelNotFoundError
+from miaotui.loader import gguf as gguf_loader
+from miaotui.loader import safetensors as st_loader
+from miaotui.loader.default_model import embedded_model_path
+from miaotui.models.registry import model_class
+from miaotui.models.weights import WeightSink
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """Where a model lives: a Hugging Face folder, or a single GGUF file."""
+
+    path: Path
+    is_gguf: bool
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """None -> MIAOTUI_MODEL or the embedded default; then check the path exists and is usable."""
+    ref = model or env_default_model() or embedded_model_path()
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model path not found: {ref} (give a Hugging Face model folder or a .gguf file; "
+            f"models are never downloaded)"
+        )
+    if path.is_file():
+        return ModelSource(path, is_gguf=True)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and len(ggufs) == 1:
+        return ModelSource(ggufs[0], is_gguf=True)
+    return ModelSource(path, is_gguf=False)
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    # delay=1: the bar appears only for loads that take longer than a second.
+    return tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
+
+
+def _build(hf_config: Any, config: ModelConfig) -> torch.nn.Module:
+    cls = model_class(hf_config)
+    with torch.device("meta"):
+        return cls(hf_config)
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    if source.is_gguf:
+        reader = gguf_loader.open_gguf(source.path)
+        return gguf_loader.gguf_hf_config(reader, source.path)
+    return st_loader.read_hf_config(source.path)
+
+
+def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Module, Any]:
+    """Build the model on the meta device, stream weights into it, return (model, hf_config)."""
+    device = torch.device(config.device)
+    if source.is_gguf:
+        reader = gguf_loader.open_gguf(source.path)
+        hf_config = gguf_loader.gguf_hf_config(reader, source.path)
+        gguf_loader.check_quant_types(reader, source.path)
+        total = len(reader.tensors)
+        weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path)
+    else:
+        hf_config = st_loader.read_hf_config(source.path)
+        files = st_loader.safetensors_files(source.path)
+        total = st_loader.count_tensors(files)
+        weights = st_loader.iter_safetensors(files)
+    model = _build(hf_config, config)
+    sink = WeightSink(model, config.dtype, device)
+    with _progress(total, f"Loading {source.path.name}") as bar:
+        def counted():
+            for item in weights:
+                yield item
+                bar.update(1)
+
+        model.load_weights(counted(), sink)
+    sink.finish()
+    if source.is_gguf:
+        factors = gguf_loader.rope_freq_factors(reader)
+        if factors is not None:
+            model.rotary.inv_freq = model.rotary.inv_freq / factors
+    model.to(device)
+    model.eval()
+    return model, hf_config
+
+
+def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json and config.json; the tokenizer's as a fallback."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    if not source.is_gguf and (source.path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            add(GenerationConfig.from_pretrained(str(source.path)).eos_token_id)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{source.path}/generation_config.json cannot be read: {exc}") from exc
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,56 @@
+"""Hugging Face folders: config.json + *.safetensors, read through mmap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from miaotui.errors import ModelLoadError
+
+
+def read_hf_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelLoadError(f"{folder}/config.json cannot be read: {exc}") from exc
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {', '.join(others)}; only *.safetensors folders and .gguf files load)" if others else ""
+        raise ModelLoadError(f"{folder} has no weights: no *.safetensors files{hint}")
+    return files
+
+
+def count_tensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                total += len(f.keys())
+        except Exception as exc:  # safetensors raises its own error type for bad headers
+            raise ModelLoadError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+    return total
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor); a file whose data is cut short raises ModelLoadError naming it."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc

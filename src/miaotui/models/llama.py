@@ -1,0 +1,149 @@
+"""The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (QKV bias).
+
+Follows the paged model contract: `forward(input_ids [T], positions [T], meta)` over one flat,
+unpadded batch returns hidden states [T, hidden]; `compute_logits` maps only rows to sample.
+Q/K/V and gate/up are fused at load (one matmul each instead of three / two).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.errors import UnsupportedModelError
+from miaotui.layers.attention import AttentionMetadata, PagedAttention
+from miaotui.layers.norms import RMSNorm
+from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
+from miaotui.models.weights import WeightSink
+
+
+def _sliding_window(cfg: Any, layer: int) -> int | None:
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return window if layer_types[layer] == "sliding_attention" else None
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, layer: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
+        o_bias = cfg.model_type != "qwen2" and bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   self.head_dim**-0.5, _sliding_window(cfg, layer))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = h.shape[0]
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        return self.o_proj(self.attn(q.reshape(t, -1), k.reshape(t, -1), v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(h).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, layer: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# Checkpoint projection name -> (fused parameter, shard name).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+_FUSED_NAME = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+_proj)\.(weight|bias)$")
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"activation {act!r} is not supported for Llama-family models")
+        self.config = cfg
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        head_dim = self.model.layers[0].self_attn.head_dim
+        with torch.device("cpu"):  # a real buffer even when the model is built on "meta"
+            self.rotary = RotaryEmbedding(cfg, head_dim)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
+        """Take Hugging Face-named tensors; fuse Q/K/V and gate/up into their shared parameters."""
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            match = _FUSED_NAME.match(name)
+            if match and match.group(2) in _FUSED:
+                prefix, proj, kind = match.groups()
+                fused, shard = _FUSED[proj]
+                if fused == "qkv_proj":
+                    offsets = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}
+                    shards = ("q", "k", "v")
+                else:
+                    offsets = {"gate": 0, "up": self.config.intermediate_size}
+                    shards = ("gate", "up")
+                sink.copy_shard(f"{prefix}.{fused}.{kind}", tensor, offsets[shard], shard, shards, name)
+            else:
+                sink.assign(name, tensor, name)

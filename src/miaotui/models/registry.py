@@ -1,0 +1,31 @@
+"""Architecture name (config.json `architectures[0]`) -> model class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from miaotui.errors import UnsupportedModelError
+from miaotui.models.llama import LlamaForCausalLM
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_class(hf_config: Any) -> type[nn.Module]:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        if arch in _MODELS:
+            return _MODELS[arch]
+    found = ", ".join(archs) or f"none listed (model_type {getattr(hf_config, 'model_type', '?')!r})"
+    raise UnsupportedModelError(
+        f"unsupported architecture: {found}; supported: {', '.join(supported_architectures())}"
+    )

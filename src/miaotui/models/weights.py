@@ -1,0 +1,71 @@
+"""Filling a model built on the meta device with checkpoint tensors.
+
+Unfused parameters are assigned the loaded tensor itself when dtype and device already match
+(zero copy: a safetensors mmap stays an mmap). Fused parameters (QKV, gate/up) are allocated
+once and filled shard by shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miaotui.errors import ModelLoadError
+
+
+class WeightSink:
+    """Receives (name, tensor) pairs for a model's parameters and checks nothing is missing."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        self.params = dict(model.named_parameters())
+        self.pending: dict[str, set[str]] = {}  # fused param -> shards still missing
+        self.loaded: set[str] = set()
+
+    def _param(self, name: str, source: str) -> nn.Parameter:
+        try:
+            return self.params[name]
+        except KeyError:
+            raise ModelLoadError(f"checkpoint tensor {source!r} has no place in the model ({name})") from None
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name) if module_name else self.model
+        param = nn.Parameter(tensor, requires_grad=False)
+        setattr(module, attr, param)
+        self.params[name] = param
+
+    def _check_shape(self, expected: torch.Size, got: torch.Size, source: str) -> None:
+        if tuple(expected) != tuple(got):
+            raise ModelLoadError(
+                f"checkpoint tensor {source!r} has shape {tuple(got)}, the config implies {tuple(expected)}"
+            )
+
+    def assign(self, name: str, tensor: torch.Tensor, source: str) -> None:
+        param = self._param(name, source)
+        self._check_shape(param.shape, tensor.shape, source)
+        self._set(name, tensor.to(device=self.device, dtype=self.dtype))
+        self.loaded.add(name)
+
+    def copy_shard(self, name: str, tensor: torch.Tensor, offset: int, shard: str,
+                   shards: tuple[str, ...], source: str) -> None:
+        """Copy `tensor` into rows [offset, offset + len) of fused parameter `name`."""
+        param = self._param(name, source)
+        if param.is_meta:
+            self._set(name, torch.empty(param.shape, dtype=self.dtype, device=self.device))
+            param = self.params[name]
+            self.pending[name] = set(shards)
+        rows = param.data.narrow(0, offset, tensor.shape[0])
+        self._check_shape(rows.shape, tensor.shape, source)
+        rows.copy_(tensor)
+        self.pending[name].discard(shard)
+        if not self.pending[name]:
+            self.loaded.add(name)
+
+    def finish(self) -> None:
+        missing = sorted(set(self.params) - self.loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors: {shown}")

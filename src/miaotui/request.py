@@ -1,0 +1,92 @@
+"""Request: the one source of per-sequence state. Only the scheduler advances `num_computed_tokens`."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence being generated. A user request with n > 1 is n of these (see ParentRequest).
+
+    Invariant: `token_ids == prompt_token_ids + output_token_ids`; the first
+    `num_computed_tokens` of them have K/V in the blocks listed in `block_ids`.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    parent_id: str
+    index: int = 0
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(init=False)
+    output_token_ids: list[int] = field(init=False, default_factory=list)
+    # One (sampled_logprob, [(token_id, logprob), ...top k]) per output token when logprobs is set.
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(init=False, default_factory=list)
+    num_computed_tokens: int = field(init=False, default=0)
+    block_ids: list[int] = field(init=False, default_factory=list)
+    status: RequestStatus = field(init=False, default=RequestStatus.WAITING)
+    stop_reason: int | str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def max_output_tokens(self) -> int:
+        """The output budget: max_tokens, capped so prompt + output fits the context window."""
+        room = self.max_model_len - self.num_prompt_tokens
+        wanted = self.sampling_params.max_tokens
+        return room if wanted is None else min(wanted, room)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def append_output_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+
+    def check_token_stop(self) -> None:
+        """Finish on EOS, a stop token id, or the length budget (stop strings live in the detokenizer)."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        num_out = len(self.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return
+            if params.stop_token_ids and last in params.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = last
+                return
+        if num_out >= self.max_output_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH

@@ -1,0 +1,104 @@
+"""SchedulerOutput -> flat tensors -> model forward -> sampled token ids.
+
+Owns the paged KV cache ([num_blocks, block_size, kv_heads, head_dim] for K and V per layer)
+and binds it to the model's attention layers once at start-up. The cache is left
+uninitialised: attention reads only slots that this or an earlier step wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miaotui.config import CacheConfig, ModelConfig
+from miaotui.engine.scheduler import SchedulerOutput
+from miaotui.layers.attention import AttentionMetadata
+from miaotui.sample.sampler import Sampler, SamplerOutput
+
+
+def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    per_layer = sum(
+        2 * block_size * attn.num_kv_heads * attn.head_dim for attn in model.attention_layers()
+    )
+    return per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
+                 max_model_len: int) -> None:
+        self.model = model
+        self.device = torch.device(model_config.device)
+        self.dtype = model_config.dtype
+        self.block_size = cache_config.block_size
+        min_blocks = -(-max_model_len // self.block_size)
+        if cache_config.num_blocks is not None:
+            num_blocks = cache_config.num_blocks
+        else:
+            budget = int(cache_config.kv_cache_memory_gib * 2**30)
+            num_blocks = budget // kv_bytes_per_block(model, self.block_size, self.dtype)
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {self.block_size} tokens cannot hold one "
+                f"sequence of max_model_len={max_model_len}; raise the KV cache size or lower max_model_len"
+            )
+        self.num_blocks = num_blocks
+        for attn in model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.sampler = Sampler(model_config.seed, self.device)
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        sample_rows: list[int] = []
+        max_blocks = max(len(s.request.block_ids) for s in sched.seqs)
+        tables = torch.zeros(len(sched.seqs), max_blocks, dtype=torch.int64)
+        for i, seq in enumerate(sched.seqs):
+            req = seq.request
+            end = seq.start + seq.num_new_tokens
+            input_ids.extend(req.token_ids[seq.start:end])
+            pos = range(seq.start, end)
+            positions.extend(pos)
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+            seq_lens.append(end)
+            query_start.append(query_start[-1] + seq.num_new_tokens)
+            if seq.samples:
+                sample_rows.append(query_start[-1] - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens_list=seq_lens,
+            query_start_loc_list=query_start,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos_t, meta, sample_rows
+
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
+        ids, positions, meta, rows = self._prepare(sched)
+        hidden = self.model(ids, positions, meta)
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple]]:
+        """Forward + sample. Returns {request_id: token} and {request_id: logprobs} for sampling seqs."""
+        logits = self.forward_logits(sched)
+        requests = [s.request for s in sched.seqs if s.samples]
+        if not requests:
+            return {}, {}
+        out: SamplerOutput = self.sampler(logits, requests)
+        ids = {r.request_id: t for r, t in zip(requests, out.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(requests, out.logprobs) if lp is not None}
+        return ids, logprobs

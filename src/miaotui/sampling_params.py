@@ -1,0 +1,109 @@
+"""SamplingParams: how one request picks its tokens. Every field is validated; errors name it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Temperatures below this are treated as greedy: dividing logits by ~0 overflows.
+_GREEDY_EPS = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Mirrors vLLM's SamplingParams for the fields it has in common.
+
+    temperature == 0 means greedy. top_k <= 0 (or -1) disables top-k. `stop` strings are not
+    part of the returned text. `logprobs=k` returns the sampled token's logprob plus the top k.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k: must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed: must be an integer or None, got {self.seed!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens: must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens: must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens: {self.min_tokens} is greater than max_tokens {self.max_tokens}"
+            )
+        self.stop_strings = self._validated_stop(self.stop)
+        if self.stop_token_ids is not None:
+            ids = list(self.stop_token_ids)
+            if not all(_is_int(t) and t >= 0 for t in ids):
+                raise ValueError(f"stop_token_ids: must be non-negative integers, got {ids!r}")
+            self.stop_token_ids = ids
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty: must be a finite number > 0, got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name}: must be in [-2, 2], got {value!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs: must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens: must be a bool, got {self.skip_special_tokens!r}")
+
+    @staticmethod
+    def _validated_stop(stop: object) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"stop: must be a string or a list of strings, got {stop!r}")
+        if any(s == "" for s in items):
+            raise ValueError("stop: stop strings must not be empty")
+        return tuple(items)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
