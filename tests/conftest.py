@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random checkpoints made on the fly, and the embedded SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
+    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2) to `folder`.
+
+    Returns (folder, the transformers model in eval mode, fp32)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **overrides})
+    model = model_cls(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> str:
+    from miaotui.loader.default_model import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_gguf):
+    from miaotui.tokenizer import load_tokenizer
+
+    return load_tokenizer(embedded_gguf, is_gguf=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> tuple[Path, object]:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama")
