@@ -53,10 +53,11 @@ class LLMEngine:
         scheduler_config = scheduler_config or SchedulerConfig()
         source = resolve_model(model_config.model)
         self.model_path = str(source.path)
-        tok_source, tok_is_gguf = (
-            (model_config.tokenizer, False) if model_config.tokenizer else (str(source.path), source.is_gguf)
-        )
-        self.tokenizer = load_tokenizer(tok_source, tok_is_gguf)
+        if model_config.tokenizer:
+            tok = resolve_model(model_config.tokenizer)
+            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+        else:
+            self.tokenizer = load_tokenizer(str(source.path), source.is_gguf)
         self.model, self.hf_config = load_model(source, model_config)
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
