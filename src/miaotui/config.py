@@ -40,6 +40,16 @@ def env_default_model() -> str | None:
     return os.environ.get("MIAOTUI_MODEL") or None
 
 
+def cache_dir() -> str:
+    """Where derived files (tokenizers converted from GGUF) are kept: MIAOTUI_CACHE_DIR, else
+    $XDG_CACHE_HOME/miaotui, else ~/.cache/miaotui."""
+    explicit = os.environ.get("MIAOTUI_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "miaotui")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What to load and how. `model=None` means the embedded default model."""

@@ -1,22 +1,58 @@
-"""Tokenizer and chat template loading, through transformers (folder or GGUF metadata)."""
+"""Tokenizer and chat template loading, through transformers (folder or GGUF metadata).
+
+Building a tokenizer from GGUF metadata takes seconds (transformers converts the whole vocab
+and merges in Python), so the converted tokenizer is saved once under the cache directory,
+keyed by the file's path, size and mtime, and later loads read that folder instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
+from miaotui.config import cache_dir
 from miaotui.errors import ModelLoadError
+
+
+def _gguf_cache_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(cache_dir()) / "tokenizers" / digest
+
+
+def _load_gguf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    cached = _gguf_cache_folder(path)
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt below
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        # Write to a temporary folder and rename, so a concurrent reader never sees half a cache.
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return tokenizer
 
 
 def load_tokenizer(path: str, is_gguf: bool) -> Any:
     """A transformers tokenizer for a model folder, a tokenizer folder, or a GGUF file."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     p = Path(path)
     try:
         if is_gguf:
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            return _load_gguf_tokenizer(p)
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}") from exc
