@@ -1,0 +1,96 @@
+"""Write tiny GGUF files from a transformers Llama model, as llama.cpp's converter would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{LAYER_MAP[rest]}"
+
+
+def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
+                     tokenizer_from: str | None = None) -> Path:
+    """Write `hf_model` (a transformers LlamaForCausalLM) to `path`.
+
+    quant_for(gguf_tensor_name) -> a GGMLQuantizationType name ("F32", "Q8_0", ...).
+    tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
+    """
+    import gguf
+    from gguf import quants
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(1)
+    if tokenizer_from:
+        reader = gguf.GGUFReader(tokenizer_from)
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            value = field.contents()
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                writer.add_array(key, value)
+            elif vtype == gguf.GGUFValueType.STRING:
+                writer.add_string(key, value)
+            elif vtype == gguf.GGUFValueType.BOOL:
+                writer.add_bool(key, value)
+            else:
+                writer.add_uint32(key, int(value))
+    for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = tensor.detach().float().numpy()
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        target = gguf_name(name)
+        qtype = gguf.GGMLQuantizationType[quant_for(target)]
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(target, np.ascontiguousarray(w))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(target, np.ascontiguousarray(w.astype(np.float16)))
+        else:
+            writer.add_tensor(target, quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

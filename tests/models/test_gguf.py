@@ -1,0 +1,131 @@
+"""GGUF loading: tiny files written with the gguf package's writer, checked against the same
+file loaded by transformers (an independent dequantizer and Q/K un-permuter)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from miaotui.config import CacheConfig, ModelConfig
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+from miaotui.errors import ModelLoadError, UnsupportedModelError
+from miaotui.loader import load_model, resolve_model
+from miaotui.request import Request
+from miaotui.runner.model_runner import ModelRunner
+from miaotui.sampling_params import SamplingParams
+from tests.conftest import make_tiny_checkpoint
+from tests.gguf_writer import write_llama_gguf
+
+
+def mixed_quants(name: str) -> str:
+    if "norm" in name:
+        return "F32"
+    if name == "token_embd.weight":
+        return "Q8_0"
+    if name == "output.weight":
+        return "F16"
+    if ".attn_" in name:
+        return "Q4_0"
+    return "Q4_1"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    _, hf_model = make_tiny_checkpoint(folder / "hf", "llama", tie_word_embeddings=False)
+    path = write_llama_gguf(folder / "tiny.gguf", hf_model, mixed_quants)
+    return path, hf_model
+
+
+def _ours(path):
+    return load_model(resolve_model(str(path)), ModelConfig(model=str(path)))
+
+
+def test_dequantized_weights_match_transformers_gguf_loader(tiny_gguf):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_gguf
+    model, _ = _ours(path)
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    ref_sd = ref.state_dict()
+    attn = model.model.layers[1].self_attn
+    qkv = attn.qkv_proj.weight
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size])
+    assert torch.equal(q, ref_sd["model.layers.1.self_attn.q_proj.weight"])  # Q4_0 + un-permute
+    assert torch.equal(k, ref_sd["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(v, ref_sd["model.layers.1.self_attn.v_proj.weight"])
+    gate, up = model.model.layers[0].mlp.gate_up_proj.weight.chunk(2)
+    assert torch.equal(gate, ref_sd["model.layers.0.mlp.gate_proj.weight"])  # Q4_1
+    assert torch.equal(up, ref_sd["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(model.model.embed_tokens.weight, ref_sd["model.embed_tokens.weight"])  # Q8_0
+    assert torch.equal(model.lm_head.weight, ref_sd["lm_head.weight"])  # F16
+
+
+def test_dequantization_error_is_within_the_quant_step(tiny_gguf):
+    """Loaded weights are the original ones up to each format's rounding, so the un-permutation
+    put every row back in place (a wrong permutation gives errors of the weights' own size)."""
+    path, hf_model = tiny_gguf
+    model, _ = _ours(path)
+    orig = hf_model.state_dict()
+    attn = model.model.layers[0].self_attn
+    q = attn.qkv_proj.weight[: attn.q_size]
+    q_err = (q - orig["model.layers.0.self_attn.q_proj.weight"]).abs().max().item()
+    embed_err = (model.model.embed_tokens.weight - orig["model.embed_tokens.weight"]).abs().max().item()
+    scale = orig["model.layers.0.self_attn.q_proj.weight"].abs().max().item()
+    assert q_err < scale / 7 / 2 + 1e-6  # 4-bit: half a step of a 16-level grid over [-max, max]
+    assert embed_err < orig["model.embed_tokens.weight"].abs().max().item() / 127  # 8-bit
+
+
+def test_logits_match_transformers_on_the_same_gguf(tiny_gguf):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_gguf
+    model, _ = _ours(path)
+    config = ModelConfig(model=str(path))
+    runner = ModelRunner(model, config, CacheConfig(block_size=8, num_blocks=64), 512)
+    kv = KVCacheManager(64, 8)
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (19,)).tolist()
+    req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
+    assert kv.allocate_slots(req, len(ids))
+    ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_unsupported_quant_type_is_named(tmp_path):
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
+    path = write_llama_gguf(tmp_path / "q5.gguf", hf_model,
+                            lambda n: "Q5_0" if n == "blk.0.ffn_up.weight" else "F32")
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
+        _ours(path)
+
+
+def test_unsupported_gguf_architecture_lists_supported(tmp_path):
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
+    path = write_llama_gguf(tmp_path / "phi.gguf", hf_model, lambda n: "F32", arch="phi3")
+    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*supported: llama, qwen2"):
+        _ours(path)
+
+
+def test_truncated_gguf_is_reported(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    shutil.copy(path, cut)
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        _ours(cut)
+
+
+def test_file_that_is_not_gguf_is_reported(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(np.arange(100, dtype=np.uint8).tobytes())
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        _ours(bogus)
