@@ -14,7 +14,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows them)
+        return False
 
 
 @dataclass(slots=True)
@@ -66,6 +71,10 @@ class SamplingParams:
             )
         self.stop_strings = self._validated_stop(self.stop)
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ValueError(
+                    f"stop_token_ids: must be a list of non-negative integers, got {self.stop_token_ids!r}"
+                )
             ids = list(self.stop_token_ids)
             if not all(_is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"stop_token_ids: must be non-negative integers, got {ids!r}")
