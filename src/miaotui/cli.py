@@ -73,8 +73,8 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) -
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # bad flags fail before the model loads
     engine = _engine(args)
-    params = _sampling_params(args)
     for delta in stream(engine, args.prompt, params):
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -83,8 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = _engine(args)
     params = _sampling_params(args)
+    engine = _engine(args)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
