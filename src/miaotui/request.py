@@ -39,6 +39,7 @@ class Request:
     parent_id: str
     index: int = 0
     generator: torch.Generator | None = None
+    cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False, default_factory=list)
@@ -46,6 +47,12 @@ class Request:
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(init=False, default_factory=list)
     num_computed_tokens: int = field(init=False, default=0)
     block_ids: list[int] = field(init=False, default_factory=list)
+    # Chained hashes of the full blocks of token_ids computed so far (prefix cache keys), and
+    # how many of this request's blocks are registered in the prefix cache.
+    block_hashes: list[int] = field(init=False, default_factory=list)
+    num_cached_blocks: int = field(init=False, default=0)
+    # n > 1: the other sequences of the same user request, waiting to fork this one's prompt.
+    fork_siblings: list[Request] = field(init=False, default_factory=list)
     status: RequestStatus = field(init=False, default=RequestStatus.WAITING)
     stop_reason: int | str | None = field(init=False, default=None)
 

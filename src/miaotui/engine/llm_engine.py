@@ -83,6 +83,8 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
@@ -98,8 +100,7 @@ class LLMEngine:
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
         self._parents[request_id] = _ParentRequest(text, ids, children, detoks, outputs)
-        for child in children:
-            self.scheduler.add(child)
+        self.scheduler.add(children[0], children[1:])
         return request_id
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -123,13 +124,14 @@ class LLMEngine:
             self.scheduler.finish(child.request_id, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
+        """True while any request is queued, running or has output not yet returned."""
         return bool(self._parents)
 
     # --- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and return the requests that advanced."""
         sched = self.scheduler.schedule()
-        sampled, logprobs = self.runner.execute(sched) if sched.seqs else ({}, {})
+        sampled, logprobs = self.runner.execute(sched)
         self.prompt_tokens_total += sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.start, 0)) for s in sched.seqs
         )

@@ -92,8 +92,23 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks src -> dst in every layer (forks: copy-on-write of a partial block)."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for attn in self.model.attention_layers():
+            attn.k_cache.index_copy_(0, dst, attn.k_cache.index_select(0, src))
+            attn.v_cache.index_copy_(0, dst, attn.v_cache.index_select(0, src))
+
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple]]:
-        """Forward + sample. Returns {request_id: token} and {request_id: logprobs} for sampling seqs."""
+        """Copy forked blocks, then forward + sample. Returns {request_id: token} and
+        {request_id: logprobs} for the sequences that sample this step."""
+        self.copy_blocks(sched.block_copies)
+        if not sched.seqs:
+            return {}, {}
         logits = self.forward_logits(sched)
         requests = [s.request for s in sched.seqs if s.samples]
         if not requests:
