@@ -7,20 +7,22 @@ Command (from the repository root):
 
 Model: the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF, dequantised to fp32 by both
 engines; CPU only; both run under the same torch thread count (--threads, default
-torch.get_num_threads()). Both engines see identical prompt token ids: English text tokens
-drawn at random (torch.manual_seed(0)) from an encoded paragraph, no BOS or chat template.
+torch.get_num_threads()). Prompts are token ids drawn at random from an encoded English
+paragraph (torch.Generator with a fixed seed per run; no BOS, no chat template). Both engines get
+identical ids, and every timed run uses a fresh prompt, so miaotui's prefix cache never hits.
 
-What is measured (every timing is the best of --repeats runs, after one untimed warm-up):
+What is measured (every timing is the best of --repeats runs, after one untimed warm-up; the two
+engines alternate run by run so that outside CPU load hits both alike):
   load      miaotui: LLM() construction; transformers: AutoTokenizer + AutoModelForCausalLM
             from_pretrained(gguf_file=...). Measured once each (imports not counted).
   prefill   --prompt-len tokens -> 1 greedy token. miaotui: generate(max_tokens=1,
             ignore_eos=True); transformers: generate(max_new_tokens=1, do_sample=False).
             prefill tok/s = prompt_len / time.
   decode    batch 1, a --decode-prompt-len (16) token prompt, --decode-tokens (128) greedy tokens
-            with EOS ignored (ignore_eos / min_new_tokens), minus the 1-token time for the same
+            with EOS ignored (ignore_eos / min_new_tokens), minus the 1-token time for a
             16-token prompt. The first token comes out of the prefill, so the difference covers
             decode_tokens - 1 forward passes: decode tok/s = (decode_tokens - 1) / (t_total - t_prefill16).
-Also printed: whether the greedy token ids of the two engines' decode runs are identical.
+Also printed: whether the greedy token ids of the two engines' last decode run are identical.
 """
 
 from __future__ import annotations
@@ -51,17 +53,6 @@ def make_prompt(tokenizer, length: int, seed: int = 0) -> list[int]:
     pool = torch.tensor(tokenizer.encode(PARAGRAPH * 4, add_special_tokens=False))
     gen = torch.Generator().manual_seed(seed)
     return pool[torch.randint(len(pool), (length,), generator=gen)].tolist()
-
-
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    """Run fn once untimed (warm-up), then `repeats` timed runs; (best seconds, last result)."""
-    result = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
 
 
 def miaotui_runner(llm: LLM):
@@ -97,53 +88,53 @@ def main() -> None:
     gguf = embedded_model_path()
     dirname, basename = os.path.dirname(gguf), os.path.basename(gguf)
 
-    # Per engine: load, prefill(long), prefill(short), decode(short) -> 4 steps x 2 engines.
-    bar = tqdm(total=8, desc="benchmark", unit="step", file=sys.stderr)
+    # Steps: 2 loads, then per measurement one warm-up + `repeats` timed runs of each engine.
+    tasks = ["prefill_s", "prefill_short_s", "decode_total_s"]
+    bar = tqdm(total=2 + len(tasks) * (args.repeats + 1) * 2, desc="benchmark", unit="step",
+               file=sys.stderr)
+    load_avg_start = os.getloadavg()[0]
 
-    def step(name: str) -> None:
-        bar.set_postfix_str(name)
-
-    results: dict[str, dict[str, float]] = {}
-    tokens: dict[str, list[int]] = {}
-    prompts = None
-
-    def measure(engine: str, run) -> None:
-        r = results[engine]
-        step(f"{engine}: prefill {args.prompt_len}")
-        r["prefill_s"], _ = best_of(lambda: run(prompts[0], 1), args.repeats)
-        bar.update()
-        step(f"{engine}: prefill {args.decode_prompt_len}")
-        r["prefill_short_s"], _ = best_of(lambda: run(prompts[1], 1), args.repeats)
-        bar.update()
-        step(f"{engine}: decode {args.decode_tokens}")
-        r["decode_total_s"], tokens[engine] = best_of(lambda: run(prompts[1], args.decode_tokens),
-                                                      args.repeats)
-        bar.update()
-        r["prefill_tok_s"] = args.prompt_len / r["prefill_s"]
-        r["decode_tok_s"] = (args.decode_tokens - 1) / (r["decode_total_s"] - r["prefill_short_s"])
-
-    # --- miaotui -------------------------------------------------------------------------
-    step("miaotui: load")
+    bar.set_postfix_str("miaotui: load")
     t0 = time.perf_counter()
     llm = LLM()
-    results["miaotui"] = {"load_s": time.perf_counter() - t0}
+    results = {"miaotui": {"load_s": time.perf_counter() - t0}}
     bar.update()
-    tok = llm.get_tokenizer()
-    prompts = (make_prompt(tok, args.prompt_len), make_prompt(tok, args.decode_prompt_len, seed=1))
-    measure("miaotui", miaotui_runner(llm))
-    del llm
-
-    # --- transformers --------------------------------------------------------------------
-    step("transformers: load")
+    bar.set_postfix_str("transformers: load")
     t0 = time.perf_counter()
     hf_tok = AutoTokenizer.from_pretrained(dirname, gguf_file=basename)
     model = AutoModelForCausalLM.from_pretrained(dirname, gguf_file=basename, torch_dtype=torch.float32)
     model.eval()
     results["transformers"] = {"load_s": time.perf_counter() - t0}
     bar.update()
+
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else hf_tok.eos_token_id
-    measure("transformers", hf_runner(model, pad))
+    runners = {"miaotui": miaotui_runner(llm), "transformers": hf_runner(model, pad)}
+    work = {"prefill_s": (args.prompt_len, 1), "prefill_short_s": (args.decode_prompt_len, 1),
+            "decode_total_s": (args.decode_prompt_len, args.decode_tokens)}
+    tokens: dict[str, list[int]] = {}
+    # The engines alternate run by run, so a burst of outside CPU load hits both alike;
+    # the best of the timed runs is kept. Run 0 of each measurement is an untimed warm-up.
+    # Every run gets a prompt neither engine has seen (miaotui's prefix cache would otherwise
+    # turn a repeated prefill into a lookup); both engines get the same ids in the same run.
+    for t, task in enumerate(tasks):
+        length, n = work[task]
+        for rep in range(args.repeats + 1):
+            ids = make_prompt(hf_tok, length, seed=100 * t + rep)
+            for engine, run in runners.items():
+                bar.set_postfix_str(f"{engine}: {task} ({len(ids)} -> {n} tok), run {rep}")
+                t0 = time.perf_counter()
+                out = run(ids, n)
+                dt = time.perf_counter() - t0
+                if rep > 0:
+                    r = results[engine]
+                    r[task] = min(r.get(task, float("inf")), dt)
+                if task == "decode_total_s":
+                    tokens[engine] = out
+                bar.update()
     bar.close()
+    for r in results.values():
+        r["prefill_tok_s"] = args.prompt_len / r["prefill_s"]
+        r["decode_tok_s"] = (args.decode_tokens - 1) / (r["decode_total_s"] - r["prefill_short_s"])
 
     # --- report --------------------------------------------------------------------------
     m, h = results["miaotui"], results["transformers"]
@@ -158,7 +149,8 @@ def main() -> None:
          m["decode_tok_s"], h["decode_tok_s"], m["decode_tok_s"] / h["decode_tok_s"]),
     ]
     print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF -> fp32, CPU, torch {torch.__version__}, "
-          f"{args.threads} threads, best of {args.repeats}\n")
+          f"{args.threads} threads, best of {args.repeats}; load average at start "
+          f"{load_avg_start:.2f}, at end {os.getloadavg()[0]:.2f} (other CPU load skews timings)\n")
     print("| metric | miaotui | transformers | ratio (>1: miaotui better) |")
     print("|---|---:|---:|---:|")
     for name, a, b, ratio in rows:
@@ -169,7 +161,7 @@ def main() -> None:
     if args.json:
         payload = {"config": vars(args) | {"model": gguf, "torch": torch.__version__},
                    "results": results, "greedy_ids_identical": same, "first_diff": first_diff,
-                   "tokens": tokens}
+                   "tokens": tokens, "load_avg": [load_avg_start, os.getloadavg()[0]]}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")

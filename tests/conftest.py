@@ -50,3 +50,13 @@ def embedded_tokenizer(embedded_gguf):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> tuple[Path, object]:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def engine_llm(tmp_path_factory, embedded_gguf):
+    """An LLM on a tiny random Llama (vocab 256) with the embedded tokenizer, small blocks."""
+    from miaotui import LLM
+
+    folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("engine_llm"), "llama")
+    return LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=256,
+               max_num_batched_tokens=32)

@@ -1,0 +1,128 @@
+"""AsyncLLMEngine: LLMEngine driven by a background thread, with one async stream per request.
+
+The engine is not thread-safe, so it is touched only by its own thread: asyncio callers send
+commands (add, abort) through a queue, and the thread hands each request's outputs back to the
+caller's event loop. Cancelling the consumer of `generate()` (a client disconnects) aborts the
+request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from miaotui.engine.llm_engine import LLMEngine
+from miaotui.outputs import RequestOutput
+from miaotui.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can be served any more."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    """Owns `engine` from construction on: nothing else may call it while this runs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.dead_error is None
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request; errors in the request (bad prompt) raise here."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", request_id, prompt, params, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None, None, None))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopped = True
+        self._commands.put(("stop", None, None, None, None))
+        self._thread.join(timeout)
+
+    # --- the engine thread -------------------------------------------------------------------
+    def _handle(self, command: tuple) -> None:
+        kind, request_id, prompt, params, stream = command
+        if kind == "add":
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except Exception as exc:  # a bad request fails alone; the loop goes on
+                stream.put(exc)
+                return
+            self._streams[request_id] = stream
+        elif kind == "abort":
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            idle = not self.engine.has_unfinished_requests()
+            try:
+                command = self._commands.get(block=idle)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    return
+                self._handle(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # the model failed: fail every request, refuse new ones
+                self.dead_error = exc
+                for stream in self._streams.values():
+                    stream.put(EngineDeadError(f"the engine failed: {exc}"))
+                self._streams.clear()
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]

@@ -1,0 +1,188 @@
+"""Stateful property test: random adds (n = 1..3, shared prefixes, salts), steps, aborts and
+stops against Scheduler + KVCacheManager, with a fake runner. After every rule the block
+accounting must be exact; the fake runner also checks that every scheduled sequence finds its
+own prefix's K/V in its blocks (prefix hits, forks and copies included) and only writes blocks
+it holds alone. A small pool (25 blocks of 4 = one max_model_len sequence) forces preemption.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from miaotui.config import SchedulerConfig
+from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.engine.scheduler import Scheduler
+from miaotui.request import Request, RequestStatus
+from miaotui.sampling_params import SamplingParams
+
+BS = 4
+NUM_BLOCKS = 25
+MAX_MODEL_LEN = 100  # needs ceil(99 / 4) = 25 blocks: the pool holds one full-length sequence
+EOS = 0
+MAX_SEQS = 6
+BUDGET = 24
+# Three fixed "documents" over a small alphabet: prompts are a prefix of one plus a short random
+# tail, so full blocks repeat across requests and the prefix cache gets hits.
+_rng = random.Random(1234)
+BASES = [[_rng.randint(1, 3) for _ in range(80)] for _ in range(3)]
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv = KVCacheManager(NUM_BLOCKS, BS)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET), self.kv)
+        self.all: list[Request] = []
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.next_id = 0
+        self.steps = 0
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _new_request(self, prompt: list[int], params: SamplingParams, salt: str | None, parent: str) -> Request:
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        r = Request(rid, list(prompt), params, frozenset({EOS}), MAX_MODEL_LEN, parent_id=parent, cache_salt=salt)
+        self.all.append(r)
+        return r
+
+    def _live(self) -> list[Request]:
+        return list(self.sched.requests.values())
+
+    def _step(self, rng: random.Random, eos_rate: float) -> None:
+        sched, bs, pool = self.sched, BS, self.kv.pool
+        hits = self.kv.prefix_hit_tokens
+        out = sched.schedule()
+        self.steps += 1
+        assert out.num_tokens <= BUDGET
+        if self.kv.prefix_hit_tokens > hits:
+            event("prefix cache hit")
+        if out.preempted:
+            event("preemption")
+        if out.block_copies:
+            event("fork with a partial-block copy")
+        if any(s.request.fork_siblings for s in out.seqs):
+            event("leader computing before its fork")
+        for rid in out.preempted:
+            victim = sched.requests[rid]
+            assert victim.block_ids == [] and victim.num_computed_tokens == 0 and victim in sched.waiting
+        for src, dst in out.block_copies:
+            for slot in range(bs):
+                if (src, slot) in self.slots:
+                    self.slots[(dst, slot)] = self.slots[(src, slot)]
+                else:
+                    self.slots.pop((dst, slot), None)
+        for s in out.seqs:
+            r = s.request
+            assert r.status is RequestStatus.RUNNING and r.request_id not in out.preempted
+            assert s.start == r.num_computed_tokens and 0 < s.num_new_tokens
+            assert s.start + s.num_new_tokens <= r.num_tokens
+            assert len(r.block_ids) * bs >= s.start + s.num_new_tokens
+            for p in range(s.start):
+                assert self.slots.get((r.block_ids[p // bs], p % bs)) == tuple(r.token_ids[:p + 1]), (
+                    f"{r.request_id} reads wrong K/V at position {p}")
+        for s in out.seqs:
+            r = s.request
+            for p in range(s.start, s.start + s.num_new_tokens):
+                block = r.block_ids[p // bs]
+                assert pool.ref_counts[block] == 1, f"{r.request_id} writes shared block {block}"
+                self.slots[(block, p % bs)] = tuple(r.token_ids[:p + 1])
+        sampled = {s.request.request_id: (EOS if rng.random() < eos_rate else rng.randint(1, 3))
+                   for s in out.seqs if s.samples}
+        for r in sched.update(out, sampled):
+            if r.status.finished:
+                event(f"finished: {r.status.value}")
+
+    # --- rules ------------------------------------------------------------------------------
+    @rule(base=st.integers(0, len(BASES) - 1), keep=st.integers(0, 80),
+          tail=st.lists(st.integers(1, 3), max_size=6), max_tokens=st.integers(1, 30),
+          n=st.sampled_from([1, 1, 1, 2, 3]), salt=st.sampled_from([None, None, None, "s"]),
+          ignore_eos=st.booleans(), stop=st.sampled_from([None, None, [3]]))
+    def add(self, base, keep, tail, max_tokens, n, salt, ignore_eos, stop):
+        prompt = ((BASES[base][:keep] + tail) or [1])[:80]
+        params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop)
+        leader = self._new_request(prompt, params, salt, parent=f"p{self.next_id}")
+        siblings = [self._new_request(prompt, params, salt, parent=leader.parent_id) for _ in range(n - 1)]
+        self.sched.add(leader, siblings)
+
+    @rule(seed=st.integers(0, 2**16), eos_rate=st.sampled_from([0.0, 0.05, 0.3]),
+          repeat=st.integers(1, 8))
+    def step(self, seed, eos_rate, repeat):
+        rng = random.Random(seed)
+        for _ in range(repeat):
+            self._step(rng, eos_rate)
+            self.check_accounting()
+
+    @rule(pick=st.integers(0, 1000))
+    def abort(self, pick):
+        live = sorted(self.sched.requests)
+        if not live:
+            return
+        rid = live[pick % len(live)]
+        r = self.sched.requests[rid]
+        self.sched.finish(rid, RequestStatus.FINISHED_ABORTED)
+        assert r.status is RequestStatus.FINISHED_ABORTED and r.block_ids == []
+        assert r not in self.sched.running and r not in self.sched.waiting
+
+    @rule(pick=st.integers(0, 1000))
+    def stop(self, pick):
+        if not self.sched.running:
+            return
+        r = self.sched.running[pick % len(self.sched.running)]
+        self.sched.finish(r.request_id, RequestStatus.FINISHED_STOPPED, "stop-string")
+        assert r.status is RequestStatus.FINISHED_STOPPED and r.block_ids == []
+        assert r.stop_reason == "stop-string" and r not in self.sched.running
+
+    # --- invariants -------------------------------------------------------------------------
+    @invariant()
+    def check_accounting(self) -> None:
+        pool = self.kv.pool
+        holders = [0] * NUM_BLOCKS
+        live = {id(r) for r in self._live()}
+        for r in self.all:
+            assert len(set(r.block_ids)) == len(r.block_ids), f"{r.request_id} lists a block twice"
+            if id(r) not in live:
+                assert r.block_ids == [] and r.status.finished
+            for b in r.block_ids:
+                holders[b] += 1
+        assert pool.ref_counts == holders
+        for b in range(NUM_BLOCKS):
+            assert (b in pool.free) == (pool.ref_counts[b] == 0)
+        used = sum(1 for c in pool.ref_counts if c > 0)
+        assert self.kv.num_free_blocks + used == NUM_BLOCKS
+        for h, b in pool.cached.items():
+            assert pool.block_hash[b] == h
+        for r in self.sched.running:
+            assert r.status is RequestStatus.RUNNING and r.request_id in self.sched.requests
+            assert r.num_computed_tokens <= len(r.block_ids) * BS
+        for r in self.sched.waiting:
+            assert r.status is RequestStatus.WAITING and r.block_ids == [] and r.num_computed_tokens == 0
+        for r in self.all:
+            assert r.num_tokens <= MAX_MODEL_LEN
+
+    def teardown(self) -> None:
+        # Liveness: whatever is queued or running finishes in bounded steps ...
+        rng = random.Random(0)
+        for _ in range(2000):
+            if not (self.sched.running or self.sched.waiting):
+                break
+            self._step(rng, 0.05)
+            self.check_accounting()
+        assert not (self.sched.running or self.sched.waiting), "scheduler made no progress"
+        # ... then abort whatever is left (siblings whose leader was aborted before forking).
+        for rid in list(self.sched.requests):
+            self.sched.finish(rid, RequestStatus.FINISHED_ABORTED)
+        self.check_accounting()
+        assert not self.sched.requests
+        assert self.kv.num_free_blocks == NUM_BLOCKS
+        assert all(c == 0 for c in self.kv.pool.ref_counts)
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=20, stateful_step_count=50, derandomize=True, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], database=None,
+)
+test_scheduler_kv_state_machine = SchedulerMachine.TestCase
