@@ -60,3 +60,22 @@ def engine_llm(tmp_path_factory, embedded_gguf):
     folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("engine_llm"), "llama")
     return LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=256,
                max_num_batched_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def embedded_llm(embedded_gguf):
+    """miaotui on the embedded default model (loaded once per test session)."""
+    from miaotui import LLM
+
+    return LLM()
+
+
+@pytest.fixture(scope="session")
+def embedded_hf(embedded_gguf):
+    """(tokenizer, model) of transformers loading the same embedded GGUF, fp32: the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(embedded_gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model

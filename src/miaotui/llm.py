@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.outputs import RequestOutput
-from miaotui.sampling_params import SamplingParams
+from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import chat_prompt_ids
 
 Prompt = str | list[int] | dict[str, Any]
@@ -76,9 +76,17 @@ class LLM:
                  for conv in conversations]
         return self._run(items, sampling_params, use_tqdm)
 
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams | None = None,
+                    use_tqdm: bool = True) -> list[RequestOutput]:
+        """Beam search per prompt (transformers' generate(num_beams=...) semantics); each output
+        holds num_return_sequences completions, best first."""
+        items = [_prompt_input(p) for p in _as_prompt_list(prompts)]
+        params = params or BeamSearchParams()
+        return self._run(items, [params] * len(items), use_tqdm, self.engine.add_beam_search_request)
+
     def _run(self, items: list[str | list[int]],
-             sampling_params: SamplingParams | list[SamplingParams] | None,
-             use_tqdm: bool) -> list[RequestOutput]:
+             sampling_params: SamplingParams | list[SamplingParams] | list[BeamSearchParams] | None,
+             use_tqdm: bool, add: Any = None) -> list[RequestOutput]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(items):
                 raise ValueError(
@@ -87,10 +95,11 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(items)
         engine = self.engine
+        add = add or engine.add_request
         ids: list[str] = []
         try:
             for item, p in zip(items, params):
-                ids.append(engine.add_request(None, item, p))
+                ids.append(add(None, item, p))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)

@@ -40,6 +40,9 @@ class Request:
     index: int = 0
     generator: torch.Generator | None = None
     cache_salt: str | None = None
+    # Beam search: the runner returns this sequence's log-distribution instead of sampling, and
+    # the engine's beam group (not the scheduler) appends tokens by forking new beams.
+    is_beam: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False, default_factory=list)

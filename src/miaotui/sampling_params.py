@@ -116,3 +116,38 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """Beam search as transformers' generate(num_beams=...) does it (same scoring and stopping).
+
+    early_stopping: True stops when beam_width hypotheses are finished; False (the default)
+    stops when no running beam can still beat the worst finished one at the current length;
+    "never" runs the canonical bound (with max length when length_penalty > 0).
+    """
+
+    beam_width: int = 4
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width: must be an integer >= 1, got {self.beam_width!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.length_penalty):
+            raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping: must be true, false or 'never', got {self.early_stopping!r}")
+        if (not _is_int(self.num_return_sequences)
+                or not 1 <= self.num_return_sequences <= self.beam_width):
+            raise ValueError(
+                f"num_return_sequences: must be an integer in [1, beam_width={self.beam_width}], "
+                f"got {self.num_return_sequences!r}"
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")

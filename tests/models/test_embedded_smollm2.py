@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,18 +17,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def llm(embedded_gguf):
-    return LLM()  # no model: the embedded default
+def llm(embedded_llm):
+    return embedded_llm
 
 
 @pytest.fixture(scope="module")
-def hf(embedded_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = os.path.split(embedded_gguf)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+def hf(embedded_hf):
+    return embedded_hf
 
 
 def test_default_model_is_the_embedded_gguf(llm, embedded_gguf):

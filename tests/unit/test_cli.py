@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from miaotui import LLM, SamplingParams
+from miaotui import SamplingParams
 
 pytestmark = pytest.mark.embedded
 
@@ -19,10 +19,10 @@ def _miaotui(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           capture_output=True, timeout=300, env=env)
 
 
-def test_generate_streams_the_greedy_completion():
+def test_generate_streams_the_greedy_completion(embedded_llm):
     proc = _miaotui("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
-    expected = LLM().generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12),
+    expected = embedded_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12),
                               use_tqdm=False)[0].outputs[0].text
     assert proc.stdout == expected + "\n"
 

@@ -10,6 +10,7 @@ import torch
 
 from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.detokenizer import IncrementalDetokenizer
+from miaotui.engine.beam_group import BeamGroup
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler
 from miaotui.errors import PromptTooLongError
@@ -17,7 +18,7 @@ from miaotui.loader import eos_token_ids, load_model, resolve_model
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import Request, RequestStatus
 from miaotui.runner.model_runner import ModelRunner
-from miaotui.sampling_params import SamplingParams
+from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import load_tokenizer
 
 
@@ -65,6 +66,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size)
         self.scheduler = Scheduler(scheduler_config, self.kv)
         self._parents: dict[str, _ParentRequest] = {}
+        self._beam_groups: dict[str, BeamGroup] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -77,12 +79,7 @@ class LLMEngine:
                     params: SamplingParams | None = None) -> str:
         """Queue a request; `prompt` is text or token ids. Returns its id."""
         params = params or SamplingParams()
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self._parents:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids)
+        request_id, text, ids = self._new_request(request_id, prompt)
         if params.n > self.scheduler.config.max_num_seqs:
             raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
         children = []
@@ -103,6 +100,27 @@ class LLMEngine:
         self.scheduler.add(children[0], children[1:])
         return request_id
 
+    def add_beam_search_request(self, request_id: str | None, prompt: str | list[int],
+                                params: BeamSearchParams) -> str:
+        """Queue a beam search; its one output arrives when the search has finished."""
+        request_id, text, ids = self._new_request(request_id, prompt)
+        if params.beam_width > self.scheduler.config.max_num_seqs:
+            raise ValueError(
+                f"beam_width: {params.beam_width} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
+        group = BeamGroup(request_id, text, ids, params, self.eos_token_ids, self.max_model_len)
+        self._beam_groups[request_id] = group
+        self.scheduler.add(group.beams[0])
+        return request_id
+
+    def _new_request(self, request_id: str | None, prompt: str | list[int]) -> tuple[str, str | None, list[int]]:
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._parents or request_id in self._beam_groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        return request_id, text, ids
+
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("prompt: must not be empty")
@@ -117,6 +135,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        group = self._beam_groups.pop(request_id, None)
+        if group is not None:
+            group.abort(self.scheduler)
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
@@ -125,13 +146,14 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is queued, running or has output not yet returned."""
-        return bool(self._parents)
+        return bool(self._parents or self._beam_groups)
 
     # --- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and return the requests that advanced."""
         sched = self.scheduler.schedule()
-        sampled, logprobs = self.runner.execute(sched)
+        result = self.runner.execute(sched)
+        sampled, logprobs = result.token_ids, result.logprobs
         self.prompt_tokens_total += sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.start, 0)) for s in sched.seqs
         )
@@ -147,12 +169,25 @@ class LLMEngine:
                 continue
             self._emit(parent, request)
             touched[request.parent_id] = parent
-        results = []
+        results = self._advance_beam_groups(result.beam_logprobs)
         for parent_id, parent in touched.items():
             results.append(self._snapshot(parent_id, parent))
             if parent.finished:
                 del self._parents[parent_id]
         return results
+
+    def _advance_beam_groups(self, beam_logprobs: dict[str, torch.Tensor]) -> list[RequestOutput]:
+        finished = []
+        for beam_id, row in beam_logprobs.items():
+            group = self._beam_groups.get(beam_id.rsplit("#beam", 1)[0])
+            if group is not None:
+                group.add_logprobs(beam_id, row)
+        for group_id, group in list(self._beam_groups.items()):
+            if group.ready and group.advance(self.scheduler):
+                group.abort(self.scheduler)
+                del self._beam_groups[group_id]
+                finished.append(group.output(self.tokenizer))
+        return finished
 
     def _emit(self, parent: _ParentRequest, request: Request) -> None:
         detok = parent.detokenizers[request.index]

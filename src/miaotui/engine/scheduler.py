@@ -67,6 +67,17 @@ class Scheduler:
         else:
             request.fork_siblings = list(siblings)
 
+    def add_forked(self, request: Request) -> None:
+        """Queue a request that already holds forked blocks (a new beam): it runs next step.
+        One without blocks (the fork found none free) waits and recomputes its prefix."""
+        self.requests[request.request_id] = request
+        if request.block_ids:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+        else:
+            request.num_computed_tokens = 0
+            self.waiting.appendleft(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -150,7 +161,7 @@ class Scheduler:
             samples = seq.samples
             request.num_computed_tokens += seq.num_new_tokens
             self.kv.cache_computed_blocks(request)
-            if not samples:
+            if not samples or request.is_beam:
                 continue
             request.append_output_token(sampled[request.request_id])
             request.check_token_stop()

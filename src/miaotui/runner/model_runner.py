@@ -7,6 +7,8 @@ uninitialised: attention reads only slots that this or an earlier step wrote.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -21,6 +23,15 @@ def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) ->
         2 * block_size * attn.num_kv_heads * attn.head_dim for attn in model.attention_layers()
     )
     return per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one step produced: sampled tokens, their logprobs, and beams' log-distributions."""
+
+    token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, tuple] = field(default_factory=dict)
+    beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -103,17 +114,21 @@ class ModelRunner:
             attn.v_cache.index_copy_(0, dst, attn.v_cache.index_select(0, src))
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple]]:
-        """Copy forked blocks, then forward + sample. Returns {request_id: token} and
-        {request_id: logprobs} for the sequences that sample this step."""
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Copy forked blocks, then forward + sample the sequences that reach their last token."""
+        result = StepResult()
         self.copy_blocks(sched.block_copies)
         if not sched.seqs:
-            return {}, {}
+            return result
         logits = self.forward_logits(sched)
         requests = [s.request for s in sched.seqs if s.samples]
-        if not requests:
-            return {}, {}
-        out: SamplerOutput = self.sampler(logits, requests)
-        ids = {r.request_id: t for r, t in zip(requests, out.token_ids)}
-        logprobs = {r.request_id: lp for r, lp in zip(requests, out.logprobs) if lp is not None}
-        return ids, logprobs
+        rows = [i for i, r in enumerate(requests) if not r.is_beam]
+        for i, r in enumerate(requests):
+            if r.is_beam:
+                result.beam_logprobs[r.request_id] = torch.log_softmax(logits[i], dim=-1)
+        if rows:
+            sampling = [requests[i] for i in rows]
+            out: SamplerOutput = self.sampler(logits[rows] if len(rows) < len(requests) else logits, sampling)
+            result.token_ids = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
+            result.logprobs = {r.request_id: lp for r, lp in zip(sampling, out.logprobs) if lp is not None}
+        return result
