@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterator
 
@@ -20,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache size in GiB (default: a share of free memory)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +51,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     return LLMEngine(
         ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                     max_model_len=args.max_model_len),
-        CacheConfig(), SchedulerConfig(),
+        CacheConfig(kv_cache_memory_gib=args.kv_cache_memory), SchedulerConfig(),
     )
 
 
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="miaotui: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except (MiaotuiError, ValueError) as exc:

@@ -71,18 +71,20 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_memory_gib`."""
+    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_memory_gib`,
+    and that, when None, defaults to a share of the device's free memory (see model_runner)."""
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory_gib: float = 1.0
+    kv_cache_memory_gib: float | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_memory_gib <= 0:
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib: must be > 0, got {self.kv_cache_memory_gib}")
 
 

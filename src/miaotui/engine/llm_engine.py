@@ -63,7 +63,8 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.runner = ModelRunner(self.model, model_config, cache_config, self.max_model_len)
-        self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
+                                 cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv)
         self._parents: dict[str, _ParentRequest] = {}
         self._beam_groups: dict[str, BeamGroup] = {}
@@ -226,6 +227,8 @@ class LLMEngine:
             "preempted": self.scheduler.num_preemptions,
             "kv_blocks_free": self.kv.num_free_blocks,
             "kv_blocks_used": self.runner.num_blocks - self.kv.num_free_blocks,
+            "prefix_cache_hit_tokens": self.kv.prefix_hit_tokens,
+            "prefix_cache_query_tokens": self.kv.prefix_query_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
         }

@@ -7,6 +7,8 @@ uninitialised: attention reads only slots that this or an earlier step wrote.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +19,27 @@ from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
+logger = logging.getLogger(__name__)
+
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     per_layer = sum(
         2 * block_size * attn.num_kv_heads * attn.head_dim for attn in model.attention_layers()
     )
     return per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_cache_gib(device: torch.device) -> float:
+    """A share of free memory: 90% of free GPU memory after the weights, or on the CPU a quarter
+    of available RAM, at most 4 GiB (enough for hundreds of thousands of small-model tokens)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.9 * free / 2**30
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 * 2**30
+    return max(min(available / 4 / 2**30, 4.0), 0.25)
 
 
 @dataclass(slots=True)
@@ -42,17 +59,22 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
         min_blocks = -(-max_model_len // self.block_size)
+        block_bytes = kv_bytes_per_block(model, self.block_size, self.dtype)
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         else:
-            budget = int(cache_config.kv_cache_memory_gib * 2**30)
-            num_blocks = budget // kv_bytes_per_block(model, self.block_size, self.dtype)
+            gib = cache_config.kv_cache_memory_gib or default_kv_cache_gib(self.device)
+            num_blocks = int(gib * 2**30) // block_bytes
         if num_blocks < min_blocks:
             raise ValueError(
                 f"KV cache of {num_blocks} blocks x {self.block_size} tokens cannot hold one "
                 f"sequence of max_model_len={max_model_len}; raise the KV cache size or lower max_model_len"
             )
         self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1f sequences of "
+                    "max_model_len=%d fit at once", num_blocks, self.block_size, num_blocks * self.block_size,
+                    num_blocks * block_bytes / 2**30, num_blocks * self.block_size / max_model_len,
+                    max_model_len)
         for attn in model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
