@@ -40,6 +40,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
         self.next_id = 0
         self.steps = 0
+        self.idle_steps = 0
 
     # --- helpers ----------------------------------------------------------------------------
     def _new_request(self, prompt: list[int], params: SamplingParams, salt: str | None, parent: str) -> Request:
@@ -48,6 +49,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         r = Request(rid, list(prompt), params, frozenset({EOS}), MAX_MODEL_LEN, parent_id=parent, cache_salt=salt)
         self.all.append(r)
         return r
+
+    @staticmethod
+    def _key(r: Request, p: int) -> tuple:
+        """What the K/V at position p of r depends on (the salt stands for a per-tenant key:
+        sharing across salts counts as reading the wrong K/V)."""
+        return (r.cache_salt, tuple(r.token_ids[:p + 1]))
 
     def _live(self) -> list[Request]:
         return list(self.sched.requests.values())
@@ -58,6 +65,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         out = sched.schedule()
         self.steps += 1
         assert out.num_tokens <= BUDGET
+        # Liveness: with work queued, a step may compute nothing only rarely (a leader admitted
+        # with its whole prompt cached waits a step to fork); never twice in a row.
+        self.idle_steps = 0 if (out.num_tokens or not (sched.running or sched.waiting)) else self.idle_steps + 1
+        assert self.idle_steps < 2, "the scheduler computed nothing for two steps with work queued"
         if self.kv.prefix_hit_tokens > hits:
             event("prefix cache hit")
         if out.preempted:
@@ -82,14 +93,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert s.start + s.num_new_tokens <= r.num_tokens
             assert len(r.block_ids) * bs >= s.start + s.num_new_tokens
             for p in range(s.start):
-                assert self.slots.get((r.block_ids[p // bs], p % bs)) == tuple(r.token_ids[:p + 1]), (
+                assert self.slots.get((r.block_ids[p // bs], p % bs)) == self._key(r, p), (
                     f"{r.request_id} reads wrong K/V at position {p}")
         for s in out.seqs:
             r = s.request
             for p in range(s.start, s.start + s.num_new_tokens):
                 block = r.block_ids[p // bs]
                 assert pool.ref_counts[block] == 1, f"{r.request_id} writes shared block {block}"
-                self.slots[(block, p % bs)] = tuple(r.token_ids[:p + 1])
+                self.slots[(block, p % bs)] = self._key(r, p)
         sampled = {s.request.request_id: (EOS if rng.random() < eos_rate else rng.randint(1, 3))
                    for s in out.seqs if s.samples}
         for r in sched.update(out, sampled):
@@ -158,10 +169,29 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in self.sched.running:
             assert r.status is RequestStatus.RUNNING and r.request_id in self.sched.requests
             assert r.num_computed_tokens <= len(r.block_ids) * BS
+            # always at least one token left to compute (the one whose logits are sampled)
+            assert r.num_computed_tokens < r.num_tokens
         for r in self.sched.waiting:
             assert r.status is RequestStatus.WAITING and r.block_ids == [] and r.num_computed_tokens == 0
         for r in self.all:
             assert r.num_tokens <= MAX_MODEL_LEN
+            self._check_stop_rules(r)
+
+    @staticmethod
+    def _check_stop_rules(r: Request) -> None:
+        """Outputs end at the first EOS (unless ignore_eos) / stop token past min_tokens, or at
+        the length budget, and the status says which."""
+        params, out = r.sampling_params, r.output_token_ids
+        stops = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else {EOS})
+        for i, t in enumerate(out[:-1]):
+            assert t not in stops or i + 1 < params.min_tokens, f"{r.request_id} went on past a stop token"
+        assert len(out) <= r.max_output_tokens
+        if r.status is RequestStatus.FINISHED_LENGTH:
+            assert len(out) == r.max_output_tokens
+        elif r.status is RequestStatus.FINISHED_STOPPED and r.stop_reason != "stop-string":
+            assert out and out[-1] in stops
+        elif not r.status.finished and out:
+            assert out[-1] not in stops and len(out) < r.max_output_tokens
 
     def teardown(self) -> None:
         # Liveness: whatever is queued or running finishes in bounded steps ...

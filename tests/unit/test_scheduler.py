@@ -566,6 +566,23 @@ def test_no_copy_when_the_forked_prefix_ends_on_a_block_boundary():
     assert_all_free(sched, kv)
 
 
+def test_chunked_leader_holds_back_its_last_prompt_token_for_the_fork():
+    sched, kv, runner = make(budget=8)
+    leader, s1, s2 = fam = _family(tokens(20))
+    sched.add(leader, [s1, s2])
+    tables = [seq_table(runner.step(_by_index)) for _ in range(4)]
+    assert tables == [
+        [("L", 0, 8, False)],
+        [("L", 8, 8, False)],
+        [("L", 16, 3, False)],
+        [("L", 19, 1, True), ("L1", 19, 1, True), ("L2", 19, 1, True)],
+    ]
+    runner.drain(_by_index)
+    assert [len(r.output_token_ids) for r in fam] == [4, 4, 4]
+    assert runner.computed == {"L": 19 + 4, "L1": 4, "L2": 4}
+    assert_all_free(sched, kv)
+
+
 def test_one_token_prompt_siblings_are_independent():
     sched, kv, runner = make()
     leader, s1, s2 = fam = _family([42])

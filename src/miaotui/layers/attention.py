@@ -1,7 +1,10 @@
-"""Paged attention: metadata for one flat batch, K/V cache writes, and the torch reference backend.
+"""Paged attention: metadata for one flat batch, K/V cache writes, and two torch backends.
 
-The reference gathers each sequence's blocks and calls SDPA. It is slow on long batches but
-obviously right, and it is the oracle that every faster backend is tested against.
+`reference_paged_attention` gathers each sequence's blocks and calls SDPA per sequence. It is
+slow on big batches but obviously right: the oracle every faster backend is tested against.
+`torch_paged_attention` (the default) runs all single-token (decode) sequences of a step in
+one SDPA call over a padded gather, and handles grouped-query attention by folding the query
+heads of a KV head into the query-length axis instead of repeating K/V.
 """
 
 from __future__ import annotations
@@ -11,6 +14,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """The step's single-token sequences, gathered once per step for every layer.
+
+    token_idx [Bd]: their rows in the flat batch. slots [Bd, L]: cache slot of each context
+    position (padding points at slot 0 and is masked). mask [Bd, 1, 1, L]: True = attend.
+    other_seqs: indices of the sequences with several new tokens (prompt chunks).
+    """
+
+    token_idx: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    other_seqs: list[int]
+    seq_lens: torch.Tensor  # [Bd, 1], for sliding-window layers
+
+    def window_mask(self, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window is None:
+            return self.mask
+        pos = torch.arange(self.slots.shape[1], device=self.slots.device)[None, :]
+        return self.mask & (pos > self.seq_lens - 1 - sliding_window)[:, None, None, :]
 
 
 @dataclass(slots=True)
@@ -30,6 +55,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     seq_lens_list: list[int]
     query_start_loc_list: list[int]
+    decode: DecodeBatch | None = None  # set by build_decode_batch for the batched backend
 
     @property
     def num_seqs(self) -> int:
@@ -119,6 +145,81 @@ class PagedAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = reference_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
-                                        self.sliding_window)
+        out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.view(t, self.num_heads * self.head_dim)
+
+
+def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
+    """Precompute the decode gather of a step (once, not per layer)."""
+    starts = meta.query_start_loc_list
+    q_lens = [starts[i + 1] - starts[i] for i in range(meta.num_seqs)]
+    decode = [i for i, n in enumerate(q_lens) if n == 1]
+    others = [i for i, n in enumerate(q_lens) if n > 1]
+    dev = meta.slot_mapping.device
+    if not decode:
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        return DecodeBatch(empty, empty.view(0, 0), torch.empty(0, 1, 1, 0, dtype=torch.bool, device=dev),
+                           others, empty.view(0, 1))
+    max_len = max(meta.seq_lens_list[i] for i in decode)
+    rows = torch.tensor(decode, dtype=torch.int64, device=dev)
+    pos = torch.arange(max_len, device=dev)
+    tables = meta.block_tables.index_select(0, rows)
+    block_idx = (pos // block_size).clamp(max=tables.shape[1] - 1).expand(len(decode), -1)
+    slots = tables.gather(1, block_idx) * block_size + pos % block_size
+    seq_lens = meta.seq_lens.index_select(0, rows).to(torch.int64)[:, None]
+    valid = pos[None, :] < seq_lens
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    token_idx = torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=dev)
+    return DecodeBatch(token_idx, slots, valid[:, None, None, :], others, seq_lens)
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """q [..., Tq, H, D], k/v [..., Tk, KVH, D] -> [..., Tq, H, D], with the H / KVH query heads
+    of each KV head folded into the query axis (no K/V repeat). mask broadcasts against
+    [..., KVH, Tq * G, Tk]: [Tq, Tk] (repeated per head here) or [B, 1, 1, Tk]."""
+    *lead, tq, heads, dim = q.shape
+    kv_heads = k.shape[-2]
+    group = heads // kv_heads
+    # [..., Tq, KVH, G, D] -> [..., KVH, Tq * G, D]: query row t*G + g is head kv*G + g at t.
+    qg = q.reshape(*lead, tq, kv_heads, group, dim).movedim(-4, -3).reshape(*lead, kv_heads, tq * group, dim)
+    kg = k.movedim(-3, -2)
+    vg = v.movedim(-3, -2)
+    if mask is not None and group > 1 and mask.shape[-2] > 1:
+        mask = mask.repeat_interleave(group, dim=-2)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return out.reshape(*lead, kv_heads, tq, group, dim).movedim(-4, -3).reshape(*lead, tq, heads, dim)
+
+
+def torch_paged_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
+    decode = meta.decode
+    if decode is None:
+        decode = build_decode_batch(meta, k_cache.shape[1])
+    out = torch.empty_like(query)
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if decode.token_idx.numel():
+        flat_k = k_cache.view(-1, kv_heads, head_dim)
+        flat_v = v_cache.view(-1, kv_heads, head_dim)
+        keys = flat_k[decode.slots].to(query.dtype)  # [Bd, L, KVH, D]
+        values = flat_v[decode.slots].to(query.dtype)
+        q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]
+        o = _grouped_sdpa(q, keys, values, decode.window_mask(sliding_window), scale)
+        out.index_copy_(0, decode.token_idx, o[:, 0])
+    starts = meta.query_start_loc_list
+    for i in decode.other_seqs:
+        seq_len = meta.seq_lens_list[i]
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        keys = _gather(k_cache, meta.block_tables[i], seq_len).to(query.dtype)
+        values = _gather(v_cache, meta.block_tables[i], seq_len).to(query.dtype)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        k_pos = torch.arange(seq_len, device=query.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        out[q_start:q_end] = _grouped_sdpa(query[q_start:q_end], keys, values, mask, scale)
+    return out

@@ -16,7 +16,7 @@ from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
-from miaotui.layers.attention import AttentionMetadata
+from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class ModelRunner:
             seq_lens_list=seq_lens,
             query_start_loc_list=query_start,
         )
+        meta.decode = build_decode_batch(meta, bs)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta, sample_rows

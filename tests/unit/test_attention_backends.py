@@ -1,0 +1,43 @@
+"""The batched torch paged attention equals the reference oracle on mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miaotui.layers.attention import (AttentionMetadata, build_decode_batch, reference_paged_attention,
+                                      torch_paged_attention)
+
+
+def _batch(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, kv_heads: int, heads: int,
+           dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[free.pop() for _ in range(-(-seq_len // block_size))] for seq_len, _ in seqs]
+    width = max(len(t) for t in tables)
+    block_tables = torch.zeros(len(seqs), width, dtype=torch.int64)
+    for i, t in enumerate(tables):
+        block_tables[i, : len(t)] = torch.tensor(t)
+    starts = [0]
+    for _, q_len in seqs:
+        starts.append(starts[-1] + q_len)
+    seq_lens = [s for s, _ in seqs]
+    meta = AttentionMetadata(torch.zeros(starts[-1], dtype=torch.int64), block_tables,
+                             torch.tensor(seq_lens), torch.tensor(starts), seq_lens, starts)
+    query = torch.randn(starts[-1], heads, dim, generator=g)
+    return query, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("kv_heads,heads", [(4, 4), (2, 6), (1, 4), (1, 8)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_matches_reference(kv_heads, heads, window):
+    # (context length after the step, new tokens): decodes of many lengths, block boundaries,
+    # a chunk after a cached prefix, a whole prompt, a one-token prompt.
+    seqs = [(5, 1), (16, 1), (17, 1), (9, 4), (1, 1), (33, 33), (40, 1), (64, 7)]
+    query, k_cache, v_cache, meta = _batch(seqs, 8, 64, kv_heads, heads, 16, seed=kv_heads * 10 + heads)
+    expected = reference_paged_attention(query, k_cache, v_cache, meta, 0.25, window)
+    meta.decode = build_decode_batch(meta, 8)
+    got = torch_paged_attention(query, k_cache, v_cache, meta, 0.25, window)
+    assert (got - expected).abs().max().item() < 1e-5
