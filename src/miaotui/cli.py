@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    bench = sub.add_parser("bench", help="benchmarks against a peer, same work, same run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from miaotui.bench import throughput
+
+    tp = bench_sub.add_parser("throughput", help="offline throughput vs transformers generate()")
+    throughput.build_parser(tp)
+    tp.set_defaults(func=throughput.run)
     return parser
 
 
