@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from miaotui.config import cache_dir
 from miaotui.errors import ModelLoadError
 
@@ -33,7 +35,11 @@ def _load_gguf_tokenizer(path: Path) -> Any:
             return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # One step with no inner progress to report: the bar shows that work is going on and its time.
+    with tqdm(total=1, desc=f"Building the tokenizer of {path.name} (cached after the first load)",
+              bar_format="{desc}: {elapsed}", leave=False) as bar:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        bar.update(1)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary folder and rename, so a concurrent reader never sees half a cache.

@@ -41,6 +41,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.steps = 0
         self.idle_steps = 0
+        self.trie: dict[tuple, int] = {}
+        self.settled: set[str] = set()
+        self.keys: dict[str, list[int]] = {}
 
     # --- helpers ----------------------------------------------------------------------------
     def _new_request(self, prompt: list[int], params: SamplingParams, salt: str | None, parent: str) -> Request:
@@ -50,11 +53,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.all.append(r)
         return r
 
-    @staticmethod
-    def _key(r: Request, p: int) -> tuple:
-        """What the K/V at position p of r depends on (the salt stands for a per-tenant key:
-        sharing across salts counts as reading the wrong K/V)."""
-        return (r.cache_salt, tuple(r.token_ids[:p + 1]))
+    def _key(self, r: Request, p: int) -> int:
+        """What the K/V at position p of r depends on: the salt (standing for a per-tenant key,
+        so sharing across salts counts as reading the wrong K/V) and tokens 0..p. Interned as
+        ints through a trie, extended per request as it grows, so a check costs O(1)."""
+        keys = self.keys.setdefault(r.request_id, [])
+        while len(keys) <= p:
+            parent = keys[-1] if keys else ("salt", r.cache_salt)
+            keys.append(self.trie.setdefault((parent, r.token_ids[len(keys)]), len(self.trie)))
+        return keys[p]
 
     def _live(self) -> list[Request]:
         return list(self.sched.requests.values())
@@ -156,7 +163,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in self.all:
             assert len(set(r.block_ids)) == len(r.block_ids), f"{r.request_id} lists a block twice"
             if id(r) not in live:
-                assert r.block_ids == [] and r.status.finished
+                assert r.block_ids == [] and r.status.finished and r not in self.sched.running
             for b in r.block_ids:
                 holders[b] += 1
         assert pool.ref_counts == holders
@@ -174,8 +181,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in self.sched.waiting:
             assert r.status is RequestStatus.WAITING and r.block_ids == [] and r.num_computed_tokens == 0
         for r in self.all:
+            if r.request_id in self.settled:
+                continue
             assert r.num_tokens <= MAX_MODEL_LEN
             self._check_stop_rules(r)
+            if r.status.finished:
+                self.settled.add(r.request_id)  # a finished request never changes again
 
     @staticmethod
     def _check_stop_rules(r: Request) -> None:
@@ -196,7 +207,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Liveness: whatever is queued or running finishes in bounded steps ...
         rng = random.Random(0)
-        for _ in range(2000):
+        for _ in range(1000):
             if not (self.sched.running or self.sched.waiting):
                 break
             self._step(rng, 0.05)
