@@ -131,8 +131,9 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and not out.preempted:
             request = self.waiting[0]
-            seats = 1 + len(request.fork_siblings)
-            if len(self.running) + seats > self.config.max_num_seqs:
+            # Seats: running sequences plus the siblings they will fork (reserved at admission).
+            taken = len(self.running) + sum(len(r.fork_siblings) for r in self.running)
+            if taken + 1 + len(request.fork_siblings) > self.config.max_num_seqs:
                 break
             hits = self.kv.find_cached_prefix(request) if not request.block_ids else []
             computed = len(hits) * self.kv.block_size if hits else request.num_computed_tokens
