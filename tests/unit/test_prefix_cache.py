@@ -60,3 +60,22 @@ def test_n_siblings_share_the_prompt(llms):
                         use_tqdm=False)[0]
     assert engine.prompt_tokens_total - before == 99 + 4  # shared prefix + each sibling's last token
     assert len({tuple(o.token_ids) for o in out.outputs}) == 4
+
+
+def test_cache_salt_separates_tenants(llms):
+    cached, _ = llms
+    engine = cached.engine
+    prompt = list(range(100, 180))  # 5 full blocks
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def run(rid, salt):
+        engine.add_request(rid, prompt, params, cache_salt=salt)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    run("tenant-a", "a")
+    hits = engine.kv.prefix_hit_tokens
+    run("tenant-b", "b")
+    assert engine.kv.prefix_hit_tokens == hits  # another salt: nothing shared
+    run("tenant-a-again", "a")
+    assert engine.kv.prefix_hit_tokens - hits == 64  # same salt: 4 blocks (the last is recomputed)

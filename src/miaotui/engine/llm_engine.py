@@ -77,8 +77,9 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str | None, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> str:
-        """Queue a request; `prompt` is text or token ids. Returns its id."""
+                    params: SamplingParams | None = None, cache_salt: str | None = None) -> str:
+        """Queue a request; `prompt` is text or token ids. Returns its id. Requests with
+        different `cache_salt` never share prefix-cache blocks (e.g. one salt per tenant)."""
         params = params or SamplingParams()
         request_id, text, ids = self._new_request(request_id, prompt)
         if params.n > self.scheduler.config.max_num_seqs:
@@ -91,7 +92,8 @@ class LLMEngine:
                 # n > 1 children get seed + i: reproducible, yet not n copies of one sample.
                 generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             children.append(Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
-                                    parent_id=request_id, index=i, generator=generator))
+                                    parent_id=request_id, index=i, generator=generator,
+                                    cache_salt=cache_salt))
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
                   for _ in children]
         outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
