@@ -11,7 +11,7 @@ import random
 
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from miaotui.config import SchedulerConfig
 from miaotui.engine.kv_cache import KVCacheManager
@@ -35,9 +35,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.kv = KVCacheManager(NUM_BLOCKS, BS)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET), self.kv)
+        config = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET)
+        self.sched = Scheduler(config, self.kv)
         self.all: list[Request] = []
-        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.slots: dict[tuple[int, int], int] = {}  # (block, slot) -> _key of what it holds
         self.next_id = 0
         self.steps = 0
         self.idle_steps = 0
@@ -46,10 +47,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.keys: dict[str, list[int]] = {}
 
     # --- helpers ----------------------------------------------------------------------------
-    def _new_request(self, prompt: list[int], params: SamplingParams, salt: str | None, parent: str) -> Request:
+    def _new_request(self, prompt: list[int], params: SamplingParams, salt: str | None,
+                     parent: str) -> Request:
         rid = f"r{self.next_id}"
         self.next_id += 1
-        r = Request(rid, list(prompt), params, frozenset({EOS}), MAX_MODEL_LEN, parent_id=parent, cache_salt=salt)
+        r = Request(rid, list(prompt), params, frozenset({EOS}), MAX_MODEL_LEN, parent_id=parent,
+                    cache_salt=salt)
         self.all.append(r)
         return r
 
@@ -72,9 +75,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         out = sched.schedule()
         self.steps += 1
         assert out.num_tokens <= BUDGET
+        assert len(sched.running) <= MAX_SEQS
         # Liveness: with work queued, a step may compute nothing only rarely (a leader admitted
         # with its whole prompt cached waits a step to fork); never twice in a row.
-        self.idle_steps = 0 if (out.num_tokens or not (sched.running or sched.waiting)) else self.idle_steps + 1
+        busy = sched.running or sched.waiting
+        self.idle_steps = self.idle_steps + 1 if busy and not out.num_tokens else 0
         assert self.idle_steps < 2, "the scheduler computed nothing for two steps with work queued"
         if self.kv.prefix_hit_tokens > hits:
             event("prefix cache hit")
@@ -115,24 +120,43 @@ class SchedulerMachine(RuleBasedStateMachine):
                 event(f"finished: {r.status.value}")
 
     # --- rules ------------------------------------------------------------------------------
-    @rule(base=st.integers(0, len(BASES) - 1), keep=st.integers(0, 80),
-          tail=st.lists(st.integers(1, 3), max_size=6), max_tokens=st.integers(1, 30),
-          n=st.sampled_from([1, 1, 1, 2, 3]), salt=st.sampled_from([None, None, None, "s"]),
-          ignore_eos=st.booleans(), stop=st.sampled_from([None, None, [3]]))
-    def add(self, base, keep, tail, max_tokens, n, salt, ignore_eos, stop):
+    # Hypothesis switches rules off at random per run (swarm testing), so each run starts with a
+    # few requests and every rule is followed by scheduler steps: no run is left without steps
+    # (requests arrive and are aborted between steps in the engine too).
+    # Lengths lean long as well as short, so some requests run into max_model_len.
+    _request = dict(base=st.integers(0, len(BASES) - 1), keep=st.integers(0, 80) | st.integers(64, 80),
+                    tail=st.lists(st.integers(1, 3), max_size=6),
+                    max_tokens=st.integers(1, 8) | st.integers(20, 30),
+                    n=st.sampled_from([1, 1, 1, 2, 3]), salt=st.sampled_from([None, None, None, "s"]),
+                    ignore_eos=st.booleans(), stop=st.sampled_from([None, None, [3]]))
+
+    def _add(self, base, keep, tail, max_tokens, n, salt, ignore_eos, stop) -> None:
         prompt = ((BASES[base][:keep] + tail) or [1])[:80]
         params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop)
         leader = self._new_request(prompt, params, salt, parent=f"p{self.next_id}")
         siblings = [self._new_request(prompt, params, salt, parent=leader.parent_id) for _ in range(n - 1)]
         self.sched.add(leader, siblings)
 
+    @initialize(first=st.lists(st.fixed_dictionaries(_request), min_size=2, max_size=5))
+    def start(self, first):
+        for spec in first:
+            self._add(**spec)
+
+    def _steps(self, n: int, seed: int, eos_rate: float = 0.05) -> None:
+        rng = random.Random(seed)
+        for _ in range(n):
+            self._step(rng, eos_rate)
+            self.check_accounting()
+
+    @rule(then_steps=st.integers(1, 3), **_request)
+    def add(self, then_steps, **spec):
+        self._add(**spec)
+        self._steps(then_steps, self.next_id)
+
     @rule(seed=st.integers(0, 2**16), eos_rate=st.sampled_from([0.0, 0.05, 0.3]),
           repeat=st.integers(1, 8))
     def step(self, seed, eos_rate, repeat):
-        rng = random.Random(seed)
-        for _ in range(repeat):
-            self._step(rng, eos_rate)
-            self.check_accounting()
+        self._steps(repeat, seed, eos_rate)
 
     @rule(pick=st.integers(0, 1000))
     def abort(self, pick):
@@ -144,6 +168,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.finish(rid, RequestStatus.FINISHED_ABORTED)
         assert r.status is RequestStatus.FINISHED_ABORTED and r.block_ids == []
         assert r not in self.sched.running and r not in self.sched.waiting
+        self.check_accounting()
+        self._steps(1, pick)
 
     @rule(pick=st.integers(0, 1000))
     def stop(self, pick):
@@ -153,6 +179,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.finish(r.request_id, RequestStatus.FINISHED_STOPPED, "stop-string")
         assert r.status is RequestStatus.FINISHED_STOPPED and r.block_ids == []
         assert r.stop_reason == "stop-string" and r not in self.sched.running
+        self.check_accounting()
+        self._steps(1, pick)
 
     # --- invariants -------------------------------------------------------------------------
     @invariant()
@@ -196,13 +224,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         stops = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else {EOS})
         for i, t in enumerate(out[:-1]):
             assert t not in stops or i + 1 < params.min_tokens, f"{r.request_id} went on past a stop token"
-        assert len(out) <= r.max_output_tokens
+        budget = min(params.max_tokens, MAX_MODEL_LEN - r.num_prompt_tokens)
+        assert len(out) <= budget
         if r.status is RequestStatus.FINISHED_LENGTH:
-            assert len(out) == r.max_output_tokens
+            assert len(out) == budget
         elif r.status is RequestStatus.FINISHED_STOPPED and r.stop_reason != "stop-string":
             assert out and out[-1] in stops
         elif not r.status.finished and out:
-            assert out[-1] not in stops and len(out) < r.max_output_tokens
+            assert out[-1] not in stops and len(out) < budget
 
     def teardown(self) -> None:
         # Liveness: whatever is queued or running finishes in bounded steps ...

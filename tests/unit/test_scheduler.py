@@ -154,7 +154,8 @@ def test_no_step_exceeds_token_budget_or_max_num_seqs():
     assert max(o.num_tokens for o in outs) == 10  # the budget is filled, not just respected
     assert max(len(o.seqs) for o in outs) == 3
     for r, n in zip(reqs, lens):
-        assert r.status is RequestStatus.FINISHED_LENGTH and len(r.output_token_ids) == r.sampling_params.max_tokens
+        assert r.status is RequestStatus.FINISHED_LENGTH
+        assert len(r.output_token_ids) == r.sampling_params.max_tokens
         # every token but the last sampled one is computed exactly once (no preemption here)
         assert runner.computed[r.request_id] == n + r.sampling_params.max_tokens - 1
     assert sched.num_preemptions == 0
@@ -471,7 +472,8 @@ def test_freed_blocks_stay_cached_until_reused_least_recently_freed_first():
     assert_all_free(sched, kv)  # a's blocks are free ...
     a_hashes = dict(kv.pool.cached)  # hash -> block
     cached_blocks = set(a_hashes.values())
-    assert len(cached_blocks) == 3 and all(kv.pool.block_hash[b] == h for h, b in a_hashes.items())  # ... yet its 3 full blocks are still findable
+    # ... yet its 3 full blocks are still findable
+    assert len(cached_blocks) == 3 and all(kv.pool.block_hash[b] == h for h, b in a_hashes.items())
     # A small unrelated request takes never-used blocks first (LRU), so a's survive.
     sched.add(make_req("x", tokens(6, 200), max_tokens=1))
     runner.drain()
