@@ -3,8 +3,9 @@
 `reference_paged_attention` gathers each sequence's blocks and calls SDPA per sequence. It is
 slow on big batches but obviously right: the oracle every faster backend is tested against.
 `torch_paged_attention` (the default) runs all single-token (decode) sequences of a step in
-one SDPA call over a padded gather, and handles grouped-query attention by folding the query
-heads of a KV head into the query-length axis instead of repeating K/V.
+one SDPA call over a padded gather, handling grouped-query attention by folding the query heads
+of a KV head into the query-length axis instead of repeating K/V; prompt chunks use SDPA's own
+GQA support (and its fused causal kernel for whole prompts).
 """
 
 from __future__ import annotations
@@ -173,22 +174,19 @@ def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
     return DecodeBatch(token_idx, slots, valid[:, None, None, :], others, seq_lens)
 
 
-def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
-    """q [..., Tq, H, D], k/v [..., Tk, KVH, D] -> [..., Tq, H, D], with the H / KVH query heads
-    of each KV head folded into the query axis (no K/V repeat). mask broadcasts against
-    [..., KVH, Tq * G, Tk]: [Tq, Tk] (repeated per head here) or [B, 1, 1, Tk]."""
-    *lead, tq, heads, dim = q.shape
+    """Decode attention. q [B, 1, H, D], k/v [B, L, KVH, D], mask [B, 1, 1, L] -> [B, 1, H, D].
+
+    The H / KVH query heads of each KV head are folded into the query axis (one query row per
+    head), so K/V are never repeated and one mask row serves them all."""
+    batch, tq, heads, dim = q.shape
     kv_heads = k.shape[-2]
     group = heads // kv_heads
-    # [..., Tq, KVH, G, D] -> [..., KVH, Tq * G, D]: query row t*G + g is head kv*G + g at t.
-    qg = q.reshape(*lead, tq, kv_heads, group, dim).movedim(-4, -3).reshape(*lead, kv_heads, tq * group, dim)
-    kg = k.movedim(-3, -2)
-    vg = v.movedim(-3, -2)
-    if mask is not None and group > 1 and mask.shape[-2] > 1:
-        mask = mask.repeat_interleave(group, dim=-2)
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-    return out.reshape(*lead, kv_heads, tq, group, dim).movedim(-4, -3).reshape(*lead, tq, heads, dim)
+    # [B, Tq, KVH, G, D] -> [B, KVH, Tq * G, D]: query row t*G + g is head kv*G + g at t.
+    qg = q.reshape(batch, tq, kv_heads, group, dim).movedim(1, 2).reshape(batch, kv_heads, tq * group, dim)
+    out = F.scaled_dot_product_attention(qg, k.movedim(1, 2), v.movedim(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(batch, kv_heads, tq, group, dim).movedim(1, 2).reshape(batch, tq, heads, dim)
 
 
 def torch_paged_attention(
@@ -214,12 +212,18 @@ def torch_paged_attention(
         seq_len = meta.seq_lens_list[i]
         q_start, q_end = starts[i], starts[i + 1]
         q_len = q_end - q_start
-        keys = _gather(k_cache, meta.block_tables[i], seq_len).to(query.dtype)
-        values = _gather(v_cache, meta.block_tables[i], seq_len).to(query.dtype)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        out[q_start:q_end] = _grouped_sdpa(query[q_start:q_end], keys, values, mask, scale)
+        keys = _gather(k_cache, meta.block_tables[i], seq_len).to(query.dtype).transpose(0, 1)[None]
+        values = _gather(v_cache, meta.block_tables[i], seq_len).to(query.dtype).transpose(0, 1)[None]
+        q = query[q_start:q_end].transpose(0, 1)[None]  # [1, H, q_len, D]
+        # Prompt chunks: SDPA's own GQA; a whole prompt takes the fused causal kernel.
+        if q_len == seq_len and sliding_window is None:
+            o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+            k_pos = torch.arange(seq_len, device=query.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_start:q_end] = o[0].transpose(0, 1)
     return out
