@@ -18,6 +18,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler
 from miaotui.request import Request, RequestStatus
 from miaotui.sampling_params import SamplingParams
+from tests.fake_kv import apply_block_copies
 
 BS = 4
 NUM_BLOCKS = 25
@@ -92,12 +93,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for rid in out.preempted:
             victim = sched.requests[rid]
             assert victim.block_ids == [] and victim.num_computed_tokens == 0 and victim in sched.waiting
-        for src, dst in out.block_copies:
-            for slot in range(bs):
-                if (src, slot) in self.slots:
-                    self.slots[(dst, slot)] = self.slots[(src, slot)]
-                else:
-                    self.slots.pop((dst, slot), None)
+        apply_block_copies(self.slots, out.block_copies, bs)
         for s in out.seqs:
             r = s.request
             assert r.status is RequestStatus.RUNNING and r.request_id not in out.preempted

@@ -17,6 +17,7 @@ from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler, SchedulerOutput
 from miaotui.request import Request, RequestStatus
 from miaotui.sampling_params import SamplingParams
+from tests.fake_kv import apply_block_copies
 
 BS = 4
 EOS = 0
@@ -69,13 +70,7 @@ class FakeRunner:
             assert victim.block_ids == [] and victim.num_computed_tokens == 0
             assert victim.status is RequestStatus.WAITING and victim in sched.waiting
             assert all(s.request is not victim for s in out.seqs)
-        for src, dst in out.block_copies:  # the runner copies before the forward pass
-            assert src != dst
-            for slot in range(bs):
-                if (src, slot) in self.slots:
-                    self.slots[(dst, slot)] = self.slots[(src, slot)]
-                else:
-                    self.slots.pop((dst, slot), None)
+        apply_block_copies(self.slots, out.block_copies, bs)
         for s in out.seqs:
             r = s.request
             assert r.status is RequestStatus.RUNNING and r in sched.running
@@ -104,6 +99,13 @@ class FakeRunner:
             assert len(outs) < max_steps, "scheduler made no progress"
             outs.append(self.step(token_fn))
         return outs
+
+
+def growing_pair() -> tuple[Request, Request]:
+    """Two 12-token prompts that each grow to 31 computed tokens (8 blocks of 4): with a
+    10-block pool one of them must be preempted."""
+    return (make_req("a", tokens(12), max_tokens=20, ignore_eos=True, max_model_len=40),
+            make_req("b", tokens(12, 50), max_tokens=20, ignore_eos=True, max_model_len=40))
 
 
 def make(num_blocks: int = 64, *, max_num_seqs: int = 8, budget: int = 64,
@@ -217,8 +219,7 @@ def test_head_of_line_request_that_does_not_fit_blocks_later_ones():
 def test_newest_running_request_is_preempted_and_later_completes():
     # 10 blocks of 4 = 40 tokens; a and b each grow to 31 computed tokens (8 blocks).
     sched, kv, runner = make(10)
-    a = make_req("a", tokens(12), max_tokens=20, ignore_eos=True, max_model_len=40)
-    b = make_req("b", tokens(12, 50), max_tokens=20, ignore_eos=True, max_model_len=40)
+    a, b = growing_pair()
     sched.add(a)
     sched.add(b)
     while True:
@@ -245,8 +246,7 @@ def test_newest_running_request_is_preempted_and_later_completes():
 
 def test_preemption_puts_the_victim_at_the_front_of_waiting():
     sched, kv, runner = make(10, max_num_seqs=2)
-    a = make_req("a", tokens(12), max_tokens=20, ignore_eos=True, max_model_len=40)
-    b = make_req("b", tokens(12, 50), max_tokens=20, ignore_eos=True, max_model_len=40)
+    a, b = growing_pair()
     c = make_req("c", tokens(4, 80), max_tokens=1)
     for r in (a, b, c):
         sched.add(r)
@@ -361,8 +361,7 @@ def test_abort_waiting_request_removes_it_from_the_queue():
 
 def test_abort_preempted_request_and_unknown_or_repeated_ids():
     sched, kv, runner = make(10)
-    a = make_req("a", tokens(12), max_tokens=20, ignore_eos=True, max_model_len=40)
-    b = make_req("b", tokens(12, 50), max_tokens=20, ignore_eos=True, max_model_len=40)
+    a, b = growing_pair()
     sched.add(a)
     sched.add(b)
     while not runner.step().preempted:

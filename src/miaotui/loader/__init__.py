@@ -48,19 +48,6 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
 
 
-def _build(hf_config: Any, config: ModelConfig) -> torch.nn.Module:
-    cls = model_class(hf_config)
-    with torch.device("meta"):
-        return cls(hf_config)
-
-
-def load_hf_config(source: ModelSource) -> Any:
-    if source.is_gguf:
-        reader = gguf_loader.open_gguf(source.path)
-        return gguf_loader.gguf_hf_config(reader, source.path)
-    return st_loader.read_hf_config(source.path)
-
-
 def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Module, Any]:
     """Build the model on the meta device, stream weights into it, return (model, hf_config)."""
     device = torch.device(config.device)
@@ -75,7 +62,8 @@ def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Modul
         files = st_loader.safetensors_files(source.path)
         total = st_loader.count_tensors(files)
         weights = st_loader.iter_safetensors(files)
-    model = _build(hf_config, config)
+    with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
+        model = model_class(hf_config)(hf_config)
     sink = WeightSink(model, config.dtype, device)
     with _progress(total, f"Loading {source.path.name}") as bar:
         def counted():
