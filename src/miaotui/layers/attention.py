@@ -21,13 +21,15 @@ from torch import nn
 class DecodeBatch:
     """The step's single-token sequences, gathered once per step for every layer.
 
-    token_idx [Bd]: their rows in the flat batch. slots [Bd, L]: cache slot of each context
-    position (padding points at slot 0 and is masked). mask [Bd, 1, 1, L]: True = attend.
+    token_idx [Bd]: their rows in the flat batch. blocks [Bd * nb]: their block tables cut to
+    the longest one's nb blocks, flattened (padding points at block 0 and is masked); whole
+    blocks are gathered with one `index_select` (a memcpy per block, ~100x faster on CPU than
+    indexing slot by slot). L = nb * block_size. mask [Bd, 1, 1, L]: True = attend.
     other_seqs: indices of the sequences with several new tokens (prompt chunks).
     """
 
     token_idx: torch.Tensor
-    slots: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor
     other_seqs: list[int]
     seq_lens: torch.Tensor  # [Bd, 1], for sliding-window layers
@@ -35,7 +37,7 @@ class DecodeBatch:
     def window_mask(self, sliding_window: int | None) -> torch.Tensor:
         if sliding_window is None:
             return self.mask
-        pos = torch.arange(self.slots.shape[1], device=self.slots.device)[None, :]
+        pos = torch.arange(self.mask.shape[-1], device=self.mask.device)[None, :]
         return self.mask & (pos > self.seq_lens - 1 - sliding_window)[:, None, None, :]
 
 
@@ -159,19 +161,16 @@ def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
     dev = meta.slot_mapping.device
     if not decode:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
-        return DecodeBatch(empty, empty.view(0, 0), torch.empty(0, 1, 1, 0, dtype=torch.bool, device=dev),
+        return DecodeBatch(empty, empty, torch.empty(0, 1, 1, 0, dtype=torch.bool, device=dev),
                            others, empty.view(0, 1))
-    max_len = max(meta.seq_lens_list[i] for i in decode)
+    num_blocks = -(-max(meta.seq_lens_list[i] for i in decode) // block_size)
     rows = torch.tensor(decode, dtype=torch.int64, device=dev)
-    pos = torch.arange(max_len, device=dev)
-    tables = meta.block_tables.index_select(0, rows)
-    block_idx = (pos // block_size).clamp(max=tables.shape[1] - 1).expand(len(decode), -1)
-    slots = tables.gather(1, block_idx) * block_size + pos % block_size
+    tables = meta.block_tables.index_select(0, rows)[:, :num_blocks]
+    pos = torch.arange(num_blocks * block_size, device=dev)
     seq_lens = meta.seq_lens.index_select(0, rows).to(torch.int64)[:, None]
     valid = pos[None, :] < seq_lens
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
     token_idx = torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=dev)
-    return DecodeBatch(token_idx, slots, valid[:, None, None, :], others, seq_lens)
+    return DecodeBatch(token_idx, tables.reshape(-1).to(torch.int64), valid[:, None, None, :], others, seq_lens)
 
 
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -200,11 +199,10 @@ def torch_paged_attention(
     out = torch.empty_like(query)
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if decode.token_idx.numel():
-        flat_k = k_cache.view(-1, kv_heads, head_dim)
-        flat_v = v_cache.view(-1, kv_heads, head_dim)
-        keys = flat_k[decode.slots].to(query.dtype)  # [Bd, L, KVH, D]
-        values = flat_v[decode.slots].to(query.dtype)
-        q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]
+        bd = decode.token_idx.numel()
+        keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
+        values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
+        q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
         o = _grouped_sdpa(q, keys, values, decode.window_mask(sliding_window), scale)
         out.index_copy_(0, decode.token_idx, o[:, 0])
     starts = meta.query_start_loc_list

@@ -79,6 +79,13 @@ class ModelRunner:
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Invariant: every block a step reads holds finite numbers. Batched decode attention
+        # reads whole blocks (and block 0 as padding) and masks the unwritten slots, but a masked
+        # NaN from uninitialised memory would still poison the softmax-weighted sum (0 * NaN).
+        # Zeroing the whole cache up front would commit all its pages at once, so each block is
+        # zeroed the first time a step uses it; reused blocks keep finite old values.
+        self._zeroed = bytearray(num_blocks)
+        self._zero_new_blocks([0])
         self.sampler = Sampler(model_config.seed, self.device)
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -118,9 +125,21 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta, sample_rows
 
+    def _zero_new_blocks(self, blocks) -> None:
+        fresh = [b for b in blocks if not self._zeroed[b]]
+        if not fresh:
+            return
+        for b in fresh:
+            self._zeroed[b] = 1
+        index = torch.tensor(fresh, dtype=torch.int64, device=self.device)
+        for attn in self.model.attention_layers():
+            attn.k_cache.index_fill_(0, index, 0.0)
+            attn.v_cache.index_fill_(0, index, 0.0)
+
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
+        self._zero_new_blocks(b for s in sched.seqs for b in s.request.block_ids)
         ids, positions, meta, rows = self._prepare(sched)
         hidden = self.model(ids, positions, meta)
         return self.model.compute_logits(hidden[rows])
@@ -140,6 +159,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Copy forked blocks, then forward + sample the sequences that reach their last token."""
         result = StepResult()
+        # Before the copies: a fork's destination block is zeroed now, then overwritten, and
+        # never zeroed again (forward_logits would otherwise wipe the copied K/V).
+        self._zero_new_blocks(b for pair in sched.block_copies for b in pair)
         self.copy_blocks(sched.block_copies)
         if not sched.seqs:
             return result
