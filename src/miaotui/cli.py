@@ -1,4 +1,4 @@
-"""The `miaotui` command: generate | chat (the server and benchmarks arrive with their issues)."""
+"""The `miaotui` command: generate | chat | serve | bench."""
 
 from __future__ import annotations
 
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from miaotui.server.serve import add_serve_args, cmd_serve
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    _add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     bench = sub.add_parser("bench", help="benchmarks against a peer, same work, same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from miaotui.bench import throughput

@@ -102,3 +102,27 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """HTTP front end. `max_queued_requests` counts requests waiting beyond the running ones;
+    past it the server answers 429. `max_body_bytes` bounds a request body (413 beyond)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_queued_requests: int = 256
+    max_body_bytes: int = 4 * 2**20
+    graceful_shutdown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key: must not be empty")

@@ -46,6 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -91,6 +92,14 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be in [-2, 2], got {value!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias: must map token ids to numbers, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias: keys must be token ids >= 0, got {token!r}")
+                if not _is_number(bias) or not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias!r} for {token}")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens: must be a bool, got {self.skip_special_tokens!r}")
 

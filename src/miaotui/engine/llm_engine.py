@@ -84,6 +84,9 @@ class LLMEngine:
         request_id, text, ids = self._new_request(request_id, prompt)
         if params.n > self.scheduler.config.max_num_seqs:
             raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
+        vocab = self.hf_config.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"

@@ -68,6 +68,12 @@ class Sampler:
         for i, request in enumerate(requests):
             params = request.sampling_params
             row = logits[i]
+            if params.logit_bias:
+                # OpenAI semantics: added to the logits before any other processing; the
+                # returned logprobs stay those of the raw model.
+                ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=row.device)
+                bias = torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device)
+                row = row.index_add(0, ids, bias)
             if params.uses_penalties:
                 row = apply_penalties(row.clone(), request.token_ids, request.output_token_ids,
                                       params.repetition_penalty, params.presence_penalty,

@@ -1,0 +1,171 @@
+"""The FastAPI app: middleware (body size, API key), service routes, the chat page, OpenAI routes.
+
+    app = build_app(ServerConfig(...), engine_factory)   # engine_factory() -> AsyncLLMEngine
+
+The model loads in the background when the app starts; /health answers 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from miaotui import __version__
+from miaotui.config import ServerConfig
+from miaotui.engine.async_engine import AsyncLLMEngine
+from miaotui.server.errors import APIError, bad_request, error_body, install_error_handlers
+from miaotui.server.openai_routes import add_openai_routes
+from miaotui.server.protocol import DetokenizeRequest, TokenizeRequest
+from miaotui.server.state import ServerState
+from miaotui.tokenizer import chat_prompt_ids
+
+STATIC_DIR = resources.files("miaotui.server") / "static"
+# Reachable without an API key: the liveness probe and the chat page's own files (the page asks
+# for the key and sends it with its API calls).
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+
+
+async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Pure ASGI (so streaming responses stay unbuffered): API key check, then body size limit,
+    both by declared Content-Length and by counting a chunked body as it arrives."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.config.api_key
+        if key and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return await _send_error(send, 401, "missing or invalid API key; send "
+                                         "'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        limit = self.config.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, 413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        received = 0
+        too_large = started = False
+
+        async def counting_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # the app sees a client that left; we answer 413 below
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if too_large:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes")
+
+
+def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine],
+              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    state = ServerState(config, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start_loading(on_load_error)
+        yield
+        state.draining = True
+        state.shutdown()
+
+    app = FastAPI(title="miaotui", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API of the miaotui inference engine")
+    app.state.miaotui = state
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, config=config)
+    add_openai_routes(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error is not None:
+            return JSONResponse({"status": "error", "error": str(state.load_error)}, status_code=503)
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not state.engine.is_running:
+            return JSONResponse({"status": "error", "error": str(state.engine.dead_error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        state.engine_or_503()
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
+            "max_model_len": state.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        state.engine_or_503()
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        try:
+            if body.messages is not None:
+                ids = chat_prompt_ids(state.tokenizer, [m.as_template_message() for m in body.messages],
+                                      body.add_generation_prompt)
+            else:
+                ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as exc:
+            raise bad_request(exc) from exc
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        state.engine_or_503()
+        state.check_model(body.model)
+        vocab = state.llm_engine.hf_config.vocab_size
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": state.detokenize(body.tokens)}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(STATIC_DIR / "index.html"))
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    return app

@@ -1,0 +1,316 @@
+"""POST /v1/completions and /v1/chat/completions: JSON in, engine requests, JSON or SSE out.
+
+One HTTP request may carry several prompts (completions) and n > 1; every prompt becomes one
+engine request (its n samples fork inside the engine). Their cumulative outputs are merged into
+one stream of OpenAI chunks; `index` is prompt_index * n + sample_index, as OpenAI numbers them.
+A client that goes away (streaming or not) cancels the merge, which aborts every engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from miaotui.engine.async_engine import EngineDeadError
+from miaotui.outputs import CompletionOutput, RequestOutput
+from miaotui.sampling_params import SamplingParams
+from miaotui.server.errors import APIError, bad_request, error_body
+from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
+from miaotui.server.state import ServerState
+from miaotui.tokenizer import chat_prompt_ids
+
+@dataclass(slots=True)
+class _Job:
+    """The engine requests behind one HTTP request."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    n: int
+    request_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What a choice has sent so far (outputs are cumulative; chunks carry deltas)."""
+
+    text: int = 0
+    tokens: int = 0
+    finished: bool = False
+
+
+def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    room = max_model_len - prompt_len
+    if requested is None:
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, and "
+                                f"the prompt has {prompt_len} tokens: no room for any output.",
+                           param="prompt", code="context_length_exceeded")
+        return room
+    if prompt_len + requested > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                            f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                            f"{requested} for the completion). Reduce the prompt or max_tokens.",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+async def _merged(state: ServerState, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield (prompt index, cumulative output) from all of the job's engine requests."""
+    engine = state.engine_or_503()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for out in engine.generate(job.prompts[i], job.params[i], f"{job.request_id}-{i}"):
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            await queue.put((i, exc))
+            raise
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(job.prompts))]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                if isinstance(item, ValueError):
+                    raise bad_request(item)
+                if isinstance(item, EngineDeadError):
+                    raise APIError(503, str(item))
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for t in tasks:  # a client that left (or an error) aborts every engine request
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _completion_logprobs(state: ServerState, out: CompletionOutput, start: int, text_offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = text_offset
+    for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
+        piece = entry[tid].decoded_token if tid in entry else state.decode_token(tid)
+        tokens.append(piece)
+        token_lps.append(entry[tid].logprob if tid in entry else None)
+        tops.append({lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank is not None} or None)
+        offsets.append(offset)
+        offset += len(piece or "")
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(out: CompletionOutput, start: int) -> dict:
+    content = []
+    for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
+        chosen = entry[tid]
+        content.append({
+            "token": chosen.decoded_token, "logprob": chosen.logprob,
+            "bytes": list((chosen.decoded_token or "").encode()),
+            "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob,
+                              "bytes": list((lp.decoded_token or "").encode())}
+                             for lp in sorted((v for v in entry.values() if v.rank is not None),
+                                              key=lambda v: v.rank)],
+        })
+    return {"content": content}
+
+
+class _Timing:
+    """TTFT / inter-token latency of one HTTP request, into the server's histograms."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.metrics = state.metrics
+        self.start = self.last = time.perf_counter()
+        self.first = True
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        now = time.perf_counter()
+        if self.first:
+            self.metrics.time_to_first_token.observe(now - self.start)
+            self.first = False
+        else:
+            self.metrics.inter_token_latency.observe((now - self.last) / count)
+        self.last = now
+
+    def done(self, outcome: str) -> None:
+        self.metrics.request_latency.observe(time.perf_counter() - self.start)
+        self.metrics.requests.labels(outcome).inc()
+
+
+async def _run(state: ServerState, request: Request, job: _Job, chunk, final, stream: bool,
+               include_usage: bool):
+    """Drive a job: SSE of `chunk(...)` dicts when streaming, else `final(...)` once at the end.
+
+    chunk(index, out, sent) -> dict | None builds the delta chunk of choice `index`;
+    final(outputs) -> dict builds the whole response from the last output of each prompt.
+    """
+    timing = _Timing(state)
+    state.admit(len(job.prompts) * job.n)
+
+    def usage(last: dict[int, RequestOutput]) -> dict:
+        prompt = sum(len(p) for p in job.prompts)
+        completion = sum(len(o.token_ids) for out in last.values() for o in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    if not stream:
+        async def collect() -> dict[int, RequestOutput]:
+            last: dict[int, RequestOutput] = {}
+            counts: dict[int, int] = {}
+            async for i, out in _merged(state, job):
+                new = sum(len(o.token_ids) for o in out.outputs)
+                timing.tokens(new - counts.get(i, 0))
+                counts[i] = new
+                last[i] = out
+            return last
+
+        task = asyncio.create_task(collect())
+        try:
+            while not task.done():  # watch for the client leaving while we generate
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    timing.done("disconnected")
+                    return JSONResponse(error_body(499, "client disconnected"), status_code=499)
+            last = task.result()
+        except APIError:
+            timing.done("error")
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+            state.release(len(job.prompts) * job.n)
+        timing.done("ok")
+        return JSONResponse(final(last, usage(last)))
+
+    async def events() -> AsyncIterator[str]:
+        sent: dict[int, _Sent] = {}
+        last: dict[int, RequestOutput] = {}
+        outcome = "disconnected"
+        try:
+            async for i, out in _merged(state, job):
+                last[i] = out
+                new = 0
+                for o in out.outputs:
+                    index = i * job.n + o.index
+                    s = sent.setdefault(index, _Sent())
+                    if s.finished:
+                        continue
+                    new += len(o.token_ids) - s.tokens
+                    payload = chunk(index, o, s)
+                    s.text, s.tokens, s.finished = len(o.text), len(o.token_ids), o.finished
+                    if payload is not None:
+                        yield f"data: {json.dumps(payload)}\n\n"
+                timing.tokens(new)
+            if include_usage:
+                yield f"data: {json.dumps(final(last, usage(last), usage_chunk=True))}\n\n"
+            outcome = "ok"
+        except APIError as exc:  # headers are gone: report in-band, as OpenAI-compatible servers do
+            outcome = "error"
+            yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
+        finally:
+            state.release(len(job.prompts) * job.n)
+            timing.done(outcome)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _job(state: ServerState, prompts: list[list[int]], requested: int | None, make_params, n: int,
+         prefix: str) -> _Job:
+    limit = state.max_model_len
+    params = []
+    for ids in prompts:
+        try:
+            params.append(make_params(_max_tokens(requested, len(ids), limit)))
+        except ValueError as exc:
+            raise bad_request(exc) from exc
+    return _Job(prompts, params, n, f"{prefix}-{uuid.uuid4().hex}")
+
+
+async def create_completion(body: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.miaotui
+    state.engine_or_503()
+    model = state.check_model(body.model)
+    try:
+        prompts = [state.tokenize(p) for p in body.prompts()]
+    except ValueError as exc:
+        raise bad_request(exc) from exc
+    job = _job(state, prompts, body.max_tokens, body.sampling_params, body.n, "cmpl")
+    echo = [state.detokenize(p) for p in prompts] if body.echo else None
+    want_logprobs = body.logprobs is not None
+
+    def choice(index: int, o: CompletionOutput, sent: _Sent) -> dict:
+        text = o.text[sent.text:]
+        if echo is not None and sent.tokens == 0 and sent.text == 0:
+            text = echo[index // job.n] + text
+        return {"index": index, "text": text, "finish_reason": o.finish_reason,
+                "logprobs": _completion_logprobs(state, o, sent.tokens, sent.text) if want_logprobs else None}
+
+    def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:
+        if o.text[sent.text:] == "" and not o.finished and not (echo and sent.tokens == 0):
+            return None
+        return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model,
+                "choices": [choice(index, o, sent)]}
+
+    def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
+        base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model}
+        if usage_chunk:
+            return base | {"choices": [], "usage": usage}
+        choices = [choice(i * job.n + o.index, o, _Sent()) for i in sorted(last) for o in last[i].outputs]
+        return base | {"choices": choices, "usage": usage}
+
+    return await _run(state, request, job, chunk, final, body.stream, body.include_usage)
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.miaotui
+    state.engine_or_503()
+    model = state.check_model(body.model)
+    messages = [m.as_template_message() for m in body.messages]
+    try:
+        ids = chat_prompt_ids(state.tokenizer, messages, body.add_generation_prompt, body.chat_template)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from exc
+    job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl")
+    want_logprobs = body.logprobs
+    base = {"id": job.request_id, "created": job.created, "model": model}
+
+    def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:
+        delta: dict = {}
+        if sent.tokens == 0 and sent.text == 0:
+            delta["role"] = "assistant"
+        text = o.text[sent.text:]
+        if text or "role" in delta:
+            delta["content"] = text
+        if not delta and not o.finished:
+            return None
+        return base | {"object": "chat.completion.chunk", "choices": [{
+            "index": index, "delta": delta, "finish_reason": o.finish_reason,
+            "logprobs": _chat_logprobs(o, sent.tokens) if want_logprobs else None}]}
+
+    def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
+        if usage_chunk:
+            return base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "finish_reason": o.finish_reason,
+                    "logprobs": _chat_logprobs(o, 0) if want_logprobs else None}
+                   for o in last[0].outputs]
+        return base | {"object": "chat.completion", "choices": choices, "usage": usage}
+
+    return await _run(state, request, job, chunk, final, body.stream, body.include_usage)
+
+
+def add_openai_routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])

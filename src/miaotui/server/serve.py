@@ -1,0 +1,106 @@
+"""`miaotui serve`: the OpenAI-compatible server under uvicorn, with a graceful SIGTERM.
+
+On SIGTERM or Ctrl-C the server stops accepting connections, lets in-flight requests finish for
+at most --graceful-shutdown seconds, stops the engine and exits 0. A model that fails to load
+stops the server with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+
+logger = logging.getLogger("miaotui.server")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MIAOTUI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $MIAOTUI_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: file name)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="sequences waiting beyond --max-num-seqs before 429")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--graceful-shutdown", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+
+
+class _Server:
+    """uvicorn.Server whose signals we own: uvicorn >= 0.29 re-raises a caught SIGTERM after
+    shutdown, which would end the process with status -15 instead of 0."""
+
+    def __init__(self, config) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def install_signal_handlers(self) -> None:  # older uvicorn
+                pass
+
+            @contextlib.contextmanager
+            def capture_signals(self):  # newer uvicorn
+                yield
+
+        self.server = Server(config)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self.server.serve()
+
+    def stop(self) -> None:
+        if not self.server.should_exit:
+            logger.info("shutting down: finishing in-flight requests (at most %.0f s)",
+                        self.server.config.timeout_graceful_shutdown or 0)
+        self.server.should_exit = True
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from miaotui.engine.async_engine import AsyncLLMEngine
+    from miaotui.engine.llm_engine import LLMEngine
+    from miaotui.server.app import build_app
+
+    # Every option is validated before anything loads: a bad flag fails at once.
+    server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                 served_model_name=args.served_model_name,
+                                 max_queued_requests=args.max_queued_requests,
+                                 max_body_bytes=args.max_body_bytes,
+                                 graceful_shutdown_s=args.graceful_shutdown)
+    model_config = ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                               max_model_len=args.max_model_len)
+    cache_config = CacheConfig(kv_cache_memory_gib=args.kv_cache_memory)
+    scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                       max_num_batched_tokens=args.max_num_batched_tokens)
+
+    def factory() -> AsyncLLMEngine:
+        return AsyncLLMEngine(LLMEngine(model_config, cache_config, scheduler_config))
+
+    failed: list[BaseException] = []
+    server: _Server | None = None
+
+    def on_load_error(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.server.should_exit = True
+
+    app = build_app(server_config, factory, on_load_error)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.graceful_shutdown, access_log=False)
+    server = _Server(config)
+    logger.info("serving on http://%s:%d (chat page at /, API at /v1)", args.host, args.port)
+    asyncio.run(server.run())
+    if failed:
+        logger.error("exiting: the model could not be loaded")
+        return 2
+    return 0

@@ -1,0 +1,119 @@
+"""What the routes share: the engine (once loaded), admission control, the model's names."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from miaotui.config import ServerConfig
+from miaotui.engine.async_engine import AsyncLLMEngine
+from miaotui.server.errors import APIError
+from miaotui.server.metrics import ServerMetrics
+
+logger = logging.getLogger("miaotui.server")
+
+
+class ServerState:
+    """Loads the engine in a background thread so /health can answer 503 while it loads.
+
+    Admission: at most max_num_seqs running plus `max_queued_requests` waiting sequences are
+    accepted; one more gets 429. Counted here, on the event loop, so no lock is needed.
+    """
+
+    def __init__(self, config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]) -> None:
+        self.config = config
+        self._factory = engine_factory
+        self.engine: AsyncLLMEngine | None = None
+        self.load_error: BaseException | None = None
+        self.in_flight = 0
+        self.metrics = ServerMetrics(self._stats)
+        self.draining = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
+        def load() -> None:
+            try:
+                self.engine = self._factory()
+                logger.info("model loaded: %s (context %d tokens)", self.model_name, self.max_model_len)
+            except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
+                self.load_error = exc
+                logger.error("loading the model failed: %s", exc)
+                if on_error is not None:
+                    on_error(exc)
+
+        thread = threading.Thread(target=load, name="miaotui-load", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # --- engine access -----------------------------------------------------------------------
+    @property
+    def llm_engine(self):
+        return self.engine.engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return self.llm_engine.model_path.rstrip("/").rsplit("/", 1)[-1] if self.engine else "loading"
+
+    def engine_or_503(self) -> AsyncLLMEngine:
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}")
+        if self.engine is None:
+            raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        if not self.engine.is_running:
+            raise APIError(503, f"the engine has stopped: {self.engine.dead_error}")
+        if self.draining:
+            raise APIError(503, "the server is shutting down")
+        return self.engine
+
+    def check_model(self, requested: str | None) -> str:
+        name = self.model_name
+        if requested not in (None, "", name):
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
+                           param="model", code="model_not_found")
+        return name
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return self.tokenizer.encode(prompt)
+        vocab = self.llm_engine.hf_config.vocab_size
+        if not prompt or any(t < 0 or t >= vocab for t in prompt):
+            raise ValueError(f"prompt: token ids must be a non-empty list of integers in [0, {vocab})")
+        return list(prompt)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # --- admission -----------------------------------------------------------------------------
+    def admit(self, sequences: int) -> None:
+        limit = self.llm_engine.scheduler.config.max_num_seqs + self.config.max_queued_requests
+        if self.in_flight + sequences > limit:
+            raise APIError(429, f"the server is at capacity ({self.in_flight} sequences in flight, limit "
+                                f"{limit}); retry later", headers={"Retry-After": "1"})
+        self.in_flight += sequences
+
+    def release(self, sequences: int) -> None:
+        self.in_flight -= sequences
+
+    def _stats(self) -> dict[str, int] | None:
+        return self.llm_engine.stats() if self.engine is not None else None

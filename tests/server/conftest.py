@@ -1,0 +1,119 @@
+"""Servers for the server tests: real `miaotui serve` processes, and in-process apps on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@contextmanager
+def serve(tmp_path: Path, *args: str, load_timeout: float = 180):
+    """Run `miaotui serve ARGS` on a free port until /health is 200; SIGTERM it at the end."""
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    server = ServerProcess(proc, port, log)
+    try:
+        deadline = time.monotonic() + load_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
+            try:
+                if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become healthy:\n{server.log_text()}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        try:
+            server.terminate()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory, embedded_gguf):
+    """`miaotui serve` on the embedded model, shared by the openai-client and load tests."""
+    with serve(tmp_path_factory.mktemp("embedded_server"), "--kv-cache-memory", "0.5",
+               "--max-num-seqs", "64") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_server_model(tmp_path_factory, embedded_gguf) -> tuple[str, str]:
+    """A tiny random Llama with the embedded tokenizer's vocabulary (text prompts work)."""
+    folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_server"), "llama", vocab_size=49152)
+    return str(folder), embedded_gguf
+
+
+def tiny_app(tiny_server_model, **server_options):
+    """An in-process app on the tiny model (use inside `fastapi.testclient.TestClient`)."""
+    from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+    from miaotui.engine.async_engine import AsyncLLMEngine
+    from miaotui.engine.llm_engine import LLMEngine
+    from miaotui.server.app import build_app
+
+    folder, tokenizer = tiny_server_model
+    max_num_seqs = server_options.pop("max_num_seqs", 8)
+    max_model_len = server_options.pop("max_model_len", 256)
+
+    def factory():
+        return AsyncLLMEngine(LLMEngine(ModelConfig(model=folder, tokenizer=tokenizer, max_model_len=max_model_len),
+                                        CacheConfig(num_blocks=128),
+                                        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256)))
+
+    return build_app(ServerConfig(**server_options), factory)
+
+
+@contextmanager
+def tiny_client(tiny_server_model, **server_options):
+    """TestClient on a tiny-model app, entered (lifespan run) and waited until healthy."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(tiny_app(tiny_server_model, **server_options), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("tiny app did not become healthy")
+            time.sleep(0.05)
+        yield client
