@@ -151,12 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench_sub.add_parser("throughput", help="offline throughput vs transformers generate()")
     throughput.build_parser(tp)
     tp.set_defaults(func=throughput.run)
+    from miaotui.bench import serve as bench_serve
+
+    bs = bench_serve.build_parser(bench_sub.add_parser(
+        "serve", help="online load against any OpenAI-compatible server (TTFT, TPOT, ITL, tokens/s)"))
+    bs.set_defaults(func=bench_serve.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="miaotui: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the output
     try:
         return args.func(args)
     except (MiaotuiError, ValueError) as exc:

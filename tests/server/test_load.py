@@ -72,6 +72,7 @@ def test_64_concurrent_streams_with_disconnects(embedded_server):
     assert _metric(metrics, "miaotui_kv_cache_usage_ratio") == 0.0
     assert _metric(metrics, "miaotui_num_requests_running") == 0
     assert _metric(metrics, "miaotui_num_requests_waiting") == 0
+    assert _metric(metrics, "miaotui_num_sequences_admitted") == 0
     assert _metric(metrics, "miaotui_time_to_first_token_seconds_count") >= 64
     assert _metric(metrics, "miaotui_generation_tokens_total") >= 51 * 24
     assert 'miaotui_requests_total{outcome="disconnected"}' in metrics

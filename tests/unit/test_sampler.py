@@ -423,3 +423,32 @@ def test_batch_order_does_not_change_seeded_rows():
     for pos, i in enumerate(order):
         if params[i].seed is not None:
             assert rev.token_ids[pos] == fwd.token_ids[i]
+
+
+# ---------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_shifts_choice_but_not_reported_logprobs():
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    params = SamplingParams(temperature=0, logit_bias={2: 5.0, 0: -100.0}, logprobs=1)
+    token, (lp, top) = sample_one(Sampler(seed=0, device=CPU), logits, make_request(params))
+    assert token == 2  # 0 + 5 beats 1; token 0 is pushed down by 100
+    raw = torch.log_softmax(logits, -1)
+    assert lp == pytest.approx(raw[2].item()) and top[0][0] == 0  # raw model logprobs
+
+
+def test_logit_bias_in_sampling_matches_biased_softmax():
+    logits = torch.zeros(4)
+    params = SamplingParams(temperature=1.0, logit_bias={3: 2.0})
+    sampler = Sampler(seed=5, device=CPU)
+    counts = torch.zeros(4)
+    for i in range(4000):
+        counts[sample_one(sampler, logits, make_request(params, rid=f"b{i}"))[0]] += 1
+    expected = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 2.0]), -1) * 4000
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("bias", [{1: 101.0}, {-1: 1.0}, {"1": 1.0}, {1: float("nan")}, [1, 2]])
+def test_logit_bias_validation_names_the_field(bias):
+    with pytest.raises(ValueError, match="^logit_bias: "):
+        SamplingParams(logit_bias=bias)

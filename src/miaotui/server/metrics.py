@@ -30,6 +30,8 @@ class _EngineCollector(Collector):
             ("miaotui_kv_cache_usage_ratio", "Share of KV cache blocks in use (0-1).",
              s["kv_blocks_used"] / total if total else 0.0),
             ("miaotui_kv_cache_blocks_free", "Free KV cache blocks.", s["kv_blocks_free"]),
+            ("miaotui_num_sequences_admitted", "Sequences the HTTP layer has admitted and not yet "
+             "released (running + queued; 429 past the limit).", s.get("admitted", 0)),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -155,7 +156,15 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
     final(outputs) -> dict builds the whole response from the last output of each prompt.
     """
     timing = _Timing(state)
-    state.admit(len(job.prompts) * job.n)
+    sequences = len(job.prompts) * job.n
+    state.admit(sequences)
+    released = False
+
+    def release_once() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            state.release(sequences)
 
     def usage(last: dict[int, RequestOutput]) -> dict:
         prompt = sum(len(p) for p in job.prompts)
@@ -188,7 +197,7 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
         finally:
             if not task.done():
                 task.cancel()
-            state.release(len(job.prompts) * job.n)
+            release_once()
         timing.done("ok")
         return JSONResponse(final(last, usage(last)))
 
@@ -218,12 +227,16 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
             outcome = "error"
             yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
         finally:
-            state.release(len(job.prompts) * job.n)
+            release_once()
             timing.done(outcome)
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # A client that leaves before the body starts leaves `events` unstarted, so its `finally`
+    # never runs: the admission is then returned when the response object is dropped.
+    weakref.finalize(response, release_once)
+    return response
 
 
 def _job(state: ServerState, prompts: list[list[int]], requested: int | None, make_params, n: int,

@@ -116,4 +116,6 @@ class ServerState:
         self.in_flight -= sequences
 
     def _stats(self) -> dict[str, int] | None:
-        return self.llm_engine.stats() if self.engine is not None else None
+        if self.engine is None:
+            return None
+        return self.llm_engine.stats() | {"admitted": self.in_flight}

@@ -1,0 +1,128 @@
+"""Online serving, same work, same run: miaotui's server vs llama.cpp's server (and transformers
+serve where it runs), on the embedded SmolLM2-135M Q4_1 GGUF, through `miaotui bench serve`.
+
+    python benchmarks/serve_vs_peers.py [--concurrency 16] [--num-requests 64]
+        [--input-len 128] [--output-len 128] [--threads 2] [--peers llama.cpp,transformers]
+
+llama.cpp's server comes from `llama-cpp-python[server]` in a separate venv (.bench-venv, made on
+first use; building it compiles llama.cpp, which takes minutes). Each server runs alone, one
+after the other, on the same prompts (token ids), with greedy decoding and exactly --output-len
+tokens per request. The table ends with miaotui's ratio over each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from miaotui.bench.serve import print_table, run_load
+from miaotui.bench.throughput import make_prompts
+from miaotui.loader.default_model import embedded_model_path
+from miaotui.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_VENV = ROOT / ".bench-venv"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
+
+
+def _llama_cpp_python() -> str:
+    python = BENCH_VENV / "bin" / "python"
+    if not python.exists():
+        print("creating .bench-venv with llama-cpp-python[server] (compiles llama.cpp; minutes)...",
+              file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python[server]"], check=True)
+    return str(python)
+
+
+def server_command(name: str, gguf: str, port: int, args: argparse.Namespace) -> list[str]:
+    if name == "miaotui":
+        return [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--max-model-len", "4096",
+                "--max-num-seqs", str(max(args.concurrency, 1))]
+    if name == "llama.cpp":
+        return [_llama_cpp_python(), "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096"]
+    if name == "transformers":
+        folder, file = os.path.split(gguf)
+        return [str(Path(sys.executable).parent / "transformers"), "serve", f"{folder}:{file}",
+                "--port", str(port)]
+    raise ValueError(f"--peers: unknown server {name!r}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--peers", default="llama.cpp,transformers")
+    args = p.parse_args()
+    gguf = embedded_model_path()
+    prompts = make_prompts(load_tokenizer(gguf, True), args.num_requests, args.input_len)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    reports = []
+    for name in ["miaotui"] + [x for x in args.peers.split(",") if x]:
+        port = _port()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            cmd = server_command(name, gguf, port, args)
+        except subprocess.CalledProcessError as exc:
+            print(f"{name}: could not be installed ({exc}); skipped", file=sys.stderr)
+            continue
+        log = open(ROOT / f".bench-{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            _wait_ready(url, proc)
+            model = None if name != "llama.cpp" else gguf
+            report = asyncio.run(run_load(url, model, prompts, args.output_len, args.concurrency, None))
+            reports.append((name, report))
+        except RuntimeError as exc:
+            print(f"{name}: {exc}; see .bench-{name}.log; skipped", file=sys.stderr)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    print(f"\n{args.num_requests} requests, {args.input_len} in / {args.output_len} out, concurrency "
+          f"{args.concurrency}, {args.threads} threads, {os.path.basename(gguf)}")
+    print_table(reports)
+    ours = reports[0][1]
+    for name, r in reports[1:]:
+        if r.completed:
+            print(f"miaotui output tokens/s = {ours.output_tok_s / r.output_tok_s:.2f}x {name}'s; "
+                  f"TTFT p50 {r.ttft_p50_ms / ours.ttft_p50_ms:.2f}x lower")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
