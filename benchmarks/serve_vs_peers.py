@@ -43,11 +43,12 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        for probe in ("/health", "/v1/models"):  # llama-cpp-python has no /health
+            try:
+                if httpx.get(url + probe, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
         time.sleep(0.5)
     raise RuntimeError("server did not become ready")
 
@@ -62,17 +63,40 @@ def _llama_cpp_python() -> str:
     return str(python)
 
 
+def _hf_folder(gguf: str) -> str:
+    """transformers serve cannot load a local GGUF (it wants `repo:file`), so the same weights,
+    dequantized by transformers itself, are written once as a safetensors folder."""
+    folder = ROOT / ".bench-hf-model"
+    if not (folder / "model.safetensors").exists():
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        where, name = os.path.split(gguf)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        folder.mkdir(exist_ok=True)
+        tied = model.config.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()
+                   if not (tied and k == "lm_head.weight")}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(folder)
+    return str(folder)
+
+
 def server_command(name: str, gguf: str, port: int, args: argparse.Namespace) -> list[str]:
     if name == "miaotui":
         return [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--max-model-len", "4096",
                 "--max-num-seqs", str(max(args.concurrency, 1))]
     if name == "llama.cpp":
         return [_llama_cpp_python(), "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096"]
+                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
+                # By default a new request cuts off the one streaming; queue them instead.
+                "--interrupt_requests", "False"]
     if name == "transformers":
-        folder, file = os.path.split(gguf)
-        return [str(Path(sys.executable).parent / "transformers"), "serve", f"{folder}:{file}",
-                "--port", str(port)]
+        return [str(Path(sys.executable).parent / "transformers"), "serve", _hf_folder(gguf),
+                "--continuous-batching", "--dtype", "float32", "--device", "cpu", "--port", str(port)]
     raise ValueError(f"--peers: unknown server {name!r}")
 
 
@@ -86,7 +110,13 @@ def main() -> int:
     p.add_argument("--peers", default="llama.cpp,transformers")
     args = p.parse_args()
     gguf = embedded_model_path()
-    prompts = make_prompts(load_tokenizer(gguf, True), args.num_requests, args.input_len)
+    tokenizer = load_tokenizer(gguf, True)
+    # Text, not token ids: llama-cpp-python's server accepts only strings. Every server gets the
+    # same strings (about --input-len tokens each); usage reports what each really produced.
+    prompts = [tokenizer.decode(ids) for ids in make_prompts(tokenizer, args.num_requests, args.input_len)]
+    # llama-cpp-python ignores `ignore_eos`; a -100 logit bias on the special tokens (EOS among
+    # them) makes every server produce exactly --output-len tokens: the same work everywhere.
+    banned = sorted(set(tokenizer.all_special_ids))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     reports = []
     for name in ["miaotui"] + [x for x in args.peers.split(",") if x]:
@@ -101,8 +131,11 @@ def main() -> int:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             _wait_ready(url, proc)
-            model = None if name != "llama.cpp" else gguf
-            report = asyncio.run(run_load(url, model, prompts, args.output_len, args.concurrency, None))
+            model = {"llama.cpp": gguf, "transformers": cmd[2]}.get(name)
+            # transformers serve rejects unknown fields, so it gets no ignore_eos; the logit bias
+            # bans EOS for it too. Output tokens are what each server reports in usage.
+            report = asyncio.run(run_load(url, model, prompts, args.output_len, args.concurrency, None,
+                                          ignore_eos=name != "transformers", banned=banned))
             reports.append((name, report))
         except RuntimeError as exc:
             print(f"{name}: {exc}; see .bench-{name}.log; skipped", file=sys.stderr)

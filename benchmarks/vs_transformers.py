@@ -3,7 +3,8 @@
 Command (from the repository root):
 
     .venv/bin/python benchmarks/vs_transformers.py [--repeats 3] [--threads N]
-        [--prompt-len 512] [--decode-tokens 128] [--decode-prompt-len 16] [--json PATH]
+        [--prompt-len 512] [--decode-tokens 128] [--decode-prompt-len 16] [--quantization int4]
+        [--json PATH]
 
 Model: the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF, dequantised to fp32 by both
 engines; CPU only; both run under the same torch thread count (--threads, default
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-prompt-len", type=int, default=16)
+    ap.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+                    help="miaotui's weight-only quantization (transformers stays fp32)")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +99,7 @@ def main() -> None:
 
     bar.set_postfix_str("miaotui: load")
     t0 = time.perf_counter()
-    llm = LLM()
+    llm = LLM(quantization=args.quantization)
     results = {"miaotui": {"load_s": time.perf_counter() - t0}}
     bar.update()
     bar.set_postfix_str("transformers: load")

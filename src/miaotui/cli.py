@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: a share of free memory)")
+    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization at load (CPU): int4 (groups of 32) or int8 "
+                        "per channel; activations meet the weights in bf16")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def _engine(args: argparse.Namespace) -> LLMEngine:
     return LLMEngine(
         ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                    max_model_len=args.max_model_len),
+                    max_model_len=args.max_model_len, quantization=args.quantization),
         CacheConfig(kv_cache_memory_gib=args.kv_cache_memory), SchedulerConfig(),
     )
 

@@ -60,9 +60,14 @@ class ModelConfig:
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str = "none"  # none | int8 | int4: weight-only, on torch's CPU low-bit kernels
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization: must be none, int8 or int4, got {self.quantization!r}")
+        if self.quantization != "none" and not str(self.device).startswith("cpu"):
+            raise ValueError(f"quantization: {self.quantization} runs on the CPU only, not on {self.device}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if not isinstance(self.seed, int):

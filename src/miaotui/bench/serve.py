@@ -6,7 +6,7 @@
 Each request streams `POST /v1/completions` with a prompt of exactly --input-len token ids (drawn
 with a fixed seed from ordinary text by the embedded model's tokenizer, or --tokenizer's: servers of
 the same model then get identical work) and asks for exactly --output-len tokens
-(`ignore_eos`). Reports TTFT, TPOT (per output token after the first), ITL (between streamed
+(`ignore_eos`; --no-ignore-eos for servers that reject it). Reports TTFT, TPOT (per output token after the first), ITL (between streamed
 chunks) p50/p99, request throughput and output-token throughput.
 """
 
@@ -55,9 +55,14 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _one(client, model: str, prompt: list[int], output_len: int) -> RequestResult:
+async def _one(client, model: str, prompt: str | list[int], output_len: int, ignore_eos: bool,
+               banned: list[int]) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
+    if banned:  # plain OpenAI: servers without ignore_eos still produce exactly output_len tokens
+        body["logit_bias"] = {str(t): -100 for t in banned}
+    if ignore_eos:  # an extension (vLLM, llama.cpp, ours); servers that reject it run without
+        body["ignore_eos"] = True
     start = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
@@ -96,8 +101,9 @@ async def _one(client, model: str, prompt: list[int], output_len: int) -> Reques
     return result
 
 
-async def run_load(base_url: str, model: str | None, prompts: list[list[int]], output_len: int,
-                   concurrency: int, api_key: str | None) -> ServeReport:
+async def run_load(base_url: str, model: str | None, prompts: list[str] | list[list[int]], output_len: int,
+                   concurrency: int, api_key: str | None, ignore_eos: bool = True,
+                   banned: list[int] | None = None) -> ServeReport:
     import httpx
     from tqdm.auto import tqdm
 
@@ -114,7 +120,7 @@ async def run_load(base_url: str, model: str | None, prompts: list[list[int]], o
 
         async def limited(p):
             async with gate:
-                r = await _one(client, model, p, output_len)
+                r = await _one(client, model, p, output_len, ignore_eos, banned or [])
                 bar.update(1)
                 return r
 
@@ -163,6 +169,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--tokenizer", default=None,
                         help="model whose tokenizer draws the prompts (default: the embedded model)")
+    parser.add_argument("--no-ignore-eos", action="store_true",
+                        help="do not send ignore_eos (for servers that reject unknown fields)")
     parser.add_argument("--label", default=None, help="column name in the table (default: the URL)")
     parser.add_argument("--json", default=None, help="also write the report here")
     return parser
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.tokenizer)
     prompts = make_prompts(load_tokenizer(str(source.path), source.is_gguf), args.num_requests, args.input_len)
     report = asyncio.run(run_load(args.base_url, args.model, prompts, args.output_len, args.concurrency,
-                                  args.api_key))
+                                  args.api_key, not args.no_ignore_eos))
     print(f"bench serve: {args.num_requests} requests, {args.input_len} in / {args.output_len} out, "
           f"concurrency {args.concurrency}, model {report.model}")
     print_table([(args.label or args.base_url, report)])

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from miaotui.config import ModelConfig, env_default_model
 from miaotui.errors import ModelLoadError, ModelNotFoundError
+from miaotui.layers.quantized import quantize_model
 from miaotui.loader import gguf as gguf_loader
 from miaotui.loader import safetensors as st_loader
 from miaotui.loader.default_model import embedded_model_path
@@ -79,6 +80,7 @@ def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Modul
             model.rotary.inv_freq = model.rotary.inv_freq / factors
     model.to(device)
     model.eval()
+    quantize_model(model, config.quantization)
     return model, hf_config
 
 

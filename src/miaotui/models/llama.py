@@ -123,8 +123,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        quantized = getattr(self, "quantized_head", None)  # set by layers.quantized for tied heads
+        if quantized is not None:
+            return quantized(hidden).float()
+        if self.tie_word_embeddings:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Take Hugging Face-named tensors; fuse Q/K/V and gate/up into their shared parameters."""

@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_body_bytes=args.max_body_bytes,
                                  graceful_shutdown_s=args.graceful_shutdown)
     model_config = ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                               max_model_len=args.max_model_len)
+                               max_model_len=args.max_model_len, quantization=args.quantization)
     cache_config = CacheConfig(kv_cache_memory_gib=args.kv_cache_memory)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens)
