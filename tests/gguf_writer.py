@@ -1,4 +1,4 @@
-"""Write tiny GGUF files from a transformers Llama model, as llama.cpp's converter would."""
+"""Write tiny GGUF files from transformers Llama and GPT-2 models, as llama.cpp's converter would."""
 
 from __future__ import annotations
 
@@ -59,20 +59,7 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(1)
     if tokenizer_from:
-        reader = gguf.GGUFReader(tokenizer_from)
-        for key, field in reader.fields.items():
-            if not key.startswith("tokenizer."):
-                continue
-            value = field.contents()
-            vtype = field.types[0]
-            if vtype == gguf.GGUFValueType.ARRAY:
-                writer.add_array(key, value)
-            elif vtype == gguf.GGUFValueType.STRING:
-                writer.add_string(key, value)
-            elif vtype == gguf.GGUFValueType.BOOL:
-                writer.add_bool(key, value)
-            else:
-                writer.add_uint32(key, int(value))
+        copy_tokenizer(writer, tokenizer_from)
     for name, tensor in hf_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -82,15 +69,89 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
         elif arch == "llama" and name.endswith("k_proj.weight"):
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
         target = gguf_name(name)
-        qtype = gguf.GGMLQuantizationType[quant_for(target)]
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(target, np.ascontiguousarray(w))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(target, np.ascontiguousarray(w.astype(np.float16)))
+        add_tensor(writer, target, w, quant_for(target))
+    return finish(writer, path)
+
+
+def copy_tokenizer(writer, tokenizer_from: str) -> None:
+    """Copy the tokenizer.* metadata of another GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(tokenizer_from)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        elif vtype == gguf.GGUFValueType.STRING:
+            writer.add_string(key, value)
+        elif vtype == gguf.GGUFValueType.BOOL:
+            writer.add_bool(key, value)
         else:
-            writer.add_tensor(target, quants.quantize(w, qtype), raw_dtype=qtype)
+            writer.add_uint32(key, int(value))
+
+
+def add_tensor(writer, target: str, w: np.ndarray, quant: str) -> None:
+    import gguf
+    from gguf import quants
+
+    qtype = gguf.GGMLQuantizationType[quant]
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(target, np.ascontiguousarray(w))
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(target, np.ascontiguousarray(w.astype(np.float16)))
+    else:
+        writer.add_tensor(target, quants.quantize(np.ascontiguousarray(w), qtype), raw_dtype=qtype)
+
+
+def finish(writer, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+GPT2_LAYER_MAP = {
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+GPT2_GLOBAL_MAP = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                   "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+
+
+def write_gpt2_gguf(path: Path, hf_model, quant_for, tokenizer_from: str | None = None) -> Path:
+    """Write a transformers GPT2LMHeadModel as llama.cpp's converter does: Conv1D weights
+    transposed to [out, in], and the tied head written out as output.weight."""
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(1)
+    if tokenizer_from:
+        copy_tokenizer(writer, tokenizer_from)
+    for name, tensor in hf_model.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        w = tensor.detach().float().numpy()
+        if name == "lm_head.weight":
+            target = "output.weight"
+        elif name in GPT2_GLOBAL_MAP:
+            target = GPT2_GLOBAL_MAP[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{GPT2_LAYER_MAP[module]}.{kind}"
+            if kind == "weight" and w.ndim == 2:
+                w = w.T
+        add_tensor(writer, target, w, quant_for(target))
+    return finish(writer, path)

@@ -72,3 +72,20 @@ def test_embedded_model_matches_transformers(embedded_llm, embedded_hf):
         seqs, scores = _reference(hf_model, ids, eos=2, num_beams=4, max_new_tokens=16, num_return_sequences=2)
         assert [o.token_ids for o in out.outputs] == seqs, prompt
         assert [o.cumulative_logprob for o in out.outputs] == pytest.approx(scores, abs=1e-4)
+
+
+def test_tiny_gpt2_matches_transformers(tmp_path_factory, embedded_gguf):
+    from miaotui import LLM
+    from tests.conftest import make_tiny_checkpoint
+
+    folder, hf_model = make_tiny_checkpoint(tmp_path_factory.mktemp("beam_gpt2"), "gpt2")
+    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=256)
+    torch.manual_seed(4)
+    for n in (6, 15):
+        prompt = torch.randint(3, 256, (n,)).tolist()
+        params = BeamSearchParams(beam_width=4, max_tokens=10, early_stopping=True, num_return_sequences=4)
+        out = llm.beam_search({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        seqs, scores = _reference(hf_model, prompt, eos=2, num_beams=4, max_new_tokens=10,
+                                  early_stopping=True, num_return_sequences=4, eos_token_id=2)
+        assert [o.token_ids for o in out.outputs] == seqs
+        assert [o.cumulative_logprob for o in out.outputs] == pytest.approx(scores, abs=1e-4)

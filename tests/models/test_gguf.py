@@ -129,3 +129,39 @@ def test_file_that_is_not_gguf_is_reported(tmp_path):
     bogus.write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         _ours(bogus)
+
+
+def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
+    """llama.cpp's "gpt2" layout (Conv1D weights transposed, tied head written out) loads into
+    the same weights transformers' own GGUF loader produces, and gives its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from miaotui.engine.kv_cache import KVCacheManager
+    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from miaotui.request import Request
+    from miaotui.runner.model_runner import ModelRunner
+    from miaotui.sampling_params import SamplingParams
+    from tests.gguf_writer import write_gpt2_gguf
+
+    # transformers' GGUF loader takes the vocabulary from the tokenizer and ignores
+    # gpt2.context_length, so the tiny model uses a real tokenizer and GPT-2's 1024 positions.
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "gpt2", vocab_size=49152, n_positions=1024)
+    path = write_gpt2_gguf(tmp_path / "gpt2.gguf", hf_model,
+                           lambda name: "Q8_0" if name.endswith(".weight") and "norm" not in name else "F32",
+                           tokenizer_from=embedded_gguf)
+    model, cfg = _ours(path)
+    assert cfg.architectures == ["GPT2LMHeadModel"] and cfg.n_layer == 2
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ref_sd = ref.state_dict()
+    ours = dict(model.named_parameters())
+    assert torch.equal(ours["transformer.h.1.attn.c_attn.weight"], ref_sd["transformer.h.1.attn.c_attn.weight"].t())
+    assert torch.equal(ours["transformer.wpe.weight"], ref_sd["transformer.wpe.weight"])
+    ids = torch.randint(0, 256, (11,)).tolist()
+    runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=4, num_blocks=16), 64)
+    kv = KVCacheManager(16, 4)
+    req = Request("r", ids, SamplingParams(temperature=0), frozenset(), 64, "r")
+    assert kv.allocate_slots(req, len(ids))
+    logits = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    assert (logits - expected).abs().max().item() <= 1e-4

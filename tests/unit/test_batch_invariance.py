@@ -33,9 +33,9 @@ def _requests() -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp("invariance"), "llama")
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def folder(request, tmp_path_factory):
+    folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp(f"invariance-{request.param}"), request.param)
     return folder
 
 

@@ -109,6 +109,6 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         is_head = name == "lm_head"
         setattr(parent, attr, Int8Linear(linear.weight, linear.bias) if is_head else _quantized(linear, mode))
     if getattr(model, "tie_word_embeddings", False):
-        model.quantized_head = Int8Linear(model.model.embed_tokens.weight, None)
+        model.quantized_head = Int8Linear(model.input_embeddings().weight, None)
     logger.info("quantized %d linear layers to %s (head: int8)", len(swaps), mode)
     return model

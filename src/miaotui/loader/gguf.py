@@ -2,7 +2,8 @@
 
 Weights are dequantized to the compute dtype at load. llama.cpp's converter permutes the rows
 of Q and K for its rotary layout ("llama" architecture only); we undo that so one model
-implementation serves both sources.
+implementation serves both sources. For "gpt2" it stores the Conv1D projections transposed
+([out, in]); they are handed on in Hugging Face's [in, out] layout (a view), like a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -37,6 +38,22 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# GPT-2 (names as in Hugging Face's GPT2LMHeadModel; llama.cpp also writes the tied head).
+_GPT2_LAYER_NAMES = {
+    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
+}
+_GPT2_GLOBAL_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
     "output.weight": "lm_head.weight",
 }
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -98,8 +115,12 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
         raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.block_count/embedding_length/head_count")
     head_dim = meta("rope.dimension_count") or meta("attention.key_length") or hidden // heads
     names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = meta("vocab_size") or (len(tokens) if tokens else None) or (int(embd.shape[-1]) if embd else None)
+    if vocab is None:
+        raise ModelLoadError(f"{path}: GGUF file has no vocabulary size, tokenizer or token_embd.weight")
     kwargs: dict[str, Any] = dict(
-        vocab_size=meta("vocab_size") or (len(tokens) if tokens else None),
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=meta("feed_forward_length"),
         num_hidden_layers=meta("block_count"),
@@ -114,6 +135,15 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         architectures=[SUPPORTED_ARCHITECTURES[arch]],
     )
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=kwargs["vocab_size"], n_embd=hidden, n_layer=kwargs["num_hidden_layers"],
+                          n_head=heads, n_inner=kwargs["intermediate_size"],
+                          n_positions=kwargs["max_position_embeddings"],
+                          layer_norm_epsilon=meta("attention.layer_norm_epsilon", 1e-5),
+                          bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
+                          architectures=[SUPPORTED_ARCHITECTURES[arch]])
     if meta("rope.scaling.type") == "linear":
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
     if arch == "qwen2":
@@ -139,18 +169,22 @@ def dequantize(tensor: Any) -> np.ndarray:
 
 def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype."""
-    permute = _field(reader, "general.architecture") == "llama"
+    arch = _field(reader, "general.architecture")
+    permute = arch == "llama"
+    gpt2 = arch == "gpt2"
+    global_names, layer_names = (_GPT2_GLOBAL_NAMES, _GPT2_LAYER_NAMES) if gpt2 else (_GLOBAL_NAMES, _LAYER_NAMES)
+    layer_prefix = "transformer.h" if gpt2 else "model.layers"
     for tensor in reader.tensors:
         name = tensor.name
         if name == ROPE_FREQS:
             continue
-        if name in _GLOBAL_NAMES:
-            hf_name = _GLOBAL_NAMES[name]
+        if name in global_names:
+            hf_name = global_names[name]
         else:
             match = _LAYER.match(name)
-            if not match or match.group(2) not in _LAYER_NAMES:
+            if not match or match.group(2) not in layer_names:
                 raise ModelLoadError(f"{path}: unknown GGUF tensor {name!r}")
-            hf_name = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+            hf_name = f"{layer_prefix}.{match.group(1)}.{layer_names[match.group(2)]}"
         try:
             array = dequantize(tensor)
         except (ValueError, IndexError) as exc:
@@ -159,6 +193,8 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path) -> Iterator[tuple
             array = _unpermute(array, hf_config.num_attention_heads)
         elif permute and ".k_proj." in hf_name:
             array = _unpermute(array, hf_config.num_key_value_heads)
+        elif gpt2 and array.ndim == 2 and hf_name.startswith("transformer.h."):
+            array = array.T  # back to Conv1D's [in, out], as the model's loader expects
         yield hf_name, torch.from_numpy(array)
 
 

@@ -111,6 +111,9 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("cpu"):  # a real buffer even when the model is built on "meta"
             self.rotary = RotaryEmbedding(cfg, head_dim)
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 

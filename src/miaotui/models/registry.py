@@ -7,9 +7,11 @@ from typing import Any
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
+from miaotui.models.gpt2 import GPT2LMHeadModel
 from miaotui.models.llama import LlamaForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
+    "GPT2LMHeadModel": GPT2LMHeadModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,

@@ -1,7 +1,8 @@
-"""Llama-family parity with transformers on tiny random checkpoints (fp32, CPU).
+"""Decoder-only parity with transformers on tiny random checkpoints (fp32, CPU).
 
 Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy ids match for
-32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window) and Qwen2.
+32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2 and
+GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ VARIANTS = {
                                         "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "mistral-sliding": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "gpt2": ("gpt2", {}),
+    "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
+                                  "n_inner": 96}),
 }
 PROMPT_LEN = 21
 ATOL = 1e-4
