@@ -14,20 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+TINY_BLOOM = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
 
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
-    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | gpt2) to `folder`.
+    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | gpt2 | bloom) to `folder`.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
+               "bloom": (BloomConfig, BloomForCausalLM)}
     config_cls, model_cls = classes[arch]
     torch.manual_seed(seed)
-    base = TINY_GPT2 if arch == "gpt2" else TINY
+    base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM}.get(arch, TINY)
     config = config_cls(**{**base, **overrides})
     model = model_cls(config).eval()
     folder.mkdir(parents=True, exist_ok=True)

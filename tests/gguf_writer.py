@@ -155,3 +155,50 @@ def write_gpt2_gguf(path: Path, hf_model, quant_for, tokenizer_from: str | None 
                 w = w.T
         add_tensor(writer, target, w, quant_for(target))
     return finish(writer, path)
+
+
+BLOOM_LAYER_MAP = {
+    "input_layernorm": "attn_norm", "self_attention.query_key_value": "attn_qkv",
+    "self_attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down",
+}
+BLOOM_GLOBAL_MAP = {
+    "transformer.word_embeddings.weight": "token_embd.weight",
+    "transformer.word_embeddings_layernorm.weight": "token_embd_norm.weight",
+    "transformer.word_embeddings_layernorm.bias": "token_embd_norm.bias",
+    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+
+
+def write_bloom_gguf(path: Path, hf_model, quant_for) -> Path:
+    """Write a transformers BloomForCausalLM as llama.cpp's converter does: query_key_value
+    regrouped from per-head [q|k|v] to [q heads | k heads | v heads], the tied head written out."""
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "bloom")
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(1)
+    state = hf_model.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["transformer.word_embeddings.weight"]
+    for name, tensor in state.items():
+        w = tensor.detach().float().numpy()
+        if name in BLOOM_GLOBAL_MAP:
+            target = BLOOM_GLOBAL_MAP[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{BLOOM_LAYER_MAP[module]}.{kind}"
+            if module.endswith("query_key_value"):
+                heads = cfg.n_head
+                w = w.reshape(heads, 3, w.shape[0] // 3 // heads, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+        add_tensor(writer, target, w, quant_for(target))
+    return finish(writer, path)

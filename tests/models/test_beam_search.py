@@ -74,12 +74,13 @@ def test_embedded_model_matches_transformers(embedded_llm, embedded_hf):
         assert [o.cumulative_logprob for o in out.outputs] == pytest.approx(scores, abs=1e-4)
 
 
-def test_tiny_gpt2_matches_transformers(tmp_path_factory, embedded_gguf):
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_classic_tiny_models_match_transformers(arch, tmp_path_factory, embedded_gguf):
     from miaotui import LLM
     from tests.conftest import make_tiny_checkpoint
 
-    folder, hf_model = make_tiny_checkpoint(tmp_path_factory.mktemp("beam_gpt2"), "gpt2")
-    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=256)
+    folder, hf_model = make_tiny_checkpoint(tmp_path_factory.mktemp(f"beam_{arch}"), arch)
+    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=256, max_model_len=512)
     torch.manual_seed(4)
     for n in (6, 15):
         prompt = torch.randint(3, 256, (n,)).tolist()

@@ -2,7 +2,8 @@
 
 Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy ids match for
 32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2 and
-GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index).
+GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
+(ALiBi; 6 heads exercise the slopes beyond a power of two).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ VARIANTS = {
     "gpt2": ("gpt2", {}),
     "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
                                   "n_inner": 96}),
+    "bloom": ("bloom", {}),
+    "bloom-6-heads-post-ln-residual": ("bloom", {"n_head": 6, "hidden_size": 96,
+                                                  "apply_residual_connection_post_layernorm": True}),
 }
 PROMPT_LEN = 21
 ATOL = 1e-4
@@ -109,7 +113,7 @@ def test_batched_mixed_prefill_and_decode_match_transformers(checkpoint):
 def test_greedy_ids_match_transformers_for_32_tokens(checkpoint, embedded_gguf):
     folder, hf_model = checkpoint
     llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=128,
-              max_num_batched_tokens=64)
+              max_num_batched_tokens=64, max_model_len=256)  # BLOOM (ALiBi) has no position limit
     torch.manual_seed(3)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 17)]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)

@@ -165,3 +165,29 @@ def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0, -1]
     assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
+    """llama.cpp's "bloom" layout (query_key_value regrouped by q/k/v, the tied head written out),
+    in F32, reproduces the transformers model's logits."""
+    from miaotui.engine.kv_cache import KVCacheManager
+    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from miaotui.request import Request
+    from miaotui.runner.model_runner import ModelRunner
+    from miaotui.sampling_params import SamplingParams
+    from tests.gguf_writer import write_bloom_gguf
+
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "bloom", n_head=6, hidden_size=96)
+    path = write_bloom_gguf(tmp_path / "bloom.gguf", hf_model, lambda name: "F32")
+    model, cfg = _ours(path)
+    assert cfg.architectures == ["BloomForCausalLM"] and cfg.n_head == 6
+    ids = torch.randint(0, 256, (13,)).tolist()
+    runner = ModelRunner(model, ModelConfig(model=str(path), max_model_len=64),
+                         CacheConfig(block_size=4, num_blocks=32), 64)
+    kv = KVCacheManager(32, 4)
+    req = Request("r", ids, SamplingParams(temperature=0), frozenset(), 64, "r")
+    assert kv.allocate_slots(req, len(ids))
+    logits = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0, -1]
+    assert (logits - expected).abs().max().item() <= 1e-4

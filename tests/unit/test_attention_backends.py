@@ -41,3 +41,36 @@ def test_matches_reference(kv_heads, heads, window):
     meta.decode = build_decode_batch(meta, 8)
     got = torch_paged_attention(query, k_cache, v_cache, meta, 0.25, window)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def _explicit_attention(query, k_cache, v_cache, meta, scale, slopes):
+    """Softmax(q.k * scale + slope_h * key_pos, causal) . v written out, one head at a time."""
+    out = torch.empty_like(query)
+    block = k_cache.shape[1]
+    group = query.shape[1] // k_cache.shape[2]
+    for i, seq_len in enumerate(meta.seq_lens_list):
+        start, end = meta.query_start_loc_list[i], meta.query_start_loc_list[i + 1]
+        slots = [meta.block_tables[i, p // block] * block + p % block for p in range(seq_len)]
+        keys = k_cache.view(-1, *k_cache.shape[2:])[torch.tensor(slots)]
+        values = v_cache.view(-1, *v_cache.shape[2:])[torch.tensor(slots)]
+        for t in range(start, end):
+            pos = seq_len - (end - t)
+            for h in range(query.shape[1]):
+                scores = keys[: pos + 1, h // group] @ query[t, h] * scale + slopes[h] * torch.arange(pos + 1)
+                out[t, h] = scores.softmax(-1) @ values[: pos + 1, h // group]
+    return out
+
+
+@pytest.mark.parametrize("kv_heads,heads", [(4, 4), (2, 6)])
+def test_alibi_matches_reference_and_explicit_formula(kv_heads, heads):
+    seqs = [(5, 1), (16, 1), (17, 1), (9, 4), (1, 1), (33, 33), (40, 1), (64, 7)]
+    query, k_cache, v_cache, meta = _batch(seqs, 8, 64, kv_heads, heads, 16, seed=7 + heads)
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(heads)])
+    expected = _explicit_attention(query, k_cache, v_cache, meta, 0.25, slopes)
+    reference = reference_paged_attention(query, k_cache, v_cache, meta, 0.25, alibi_slopes=slopes)
+    meta.decode = build_decode_batch(meta, 8)
+    got = torch_paged_attention(query, k_cache, v_cache, meta, 0.25, alibi_slopes=slopes)
+    assert (reference - expected).abs().max().item() < 1e-5
+    assert (got - expected).abs().max().item() < 1e-5
+    plain = torch_paged_attention(query, k_cache, v_cache, meta, 0.25)
+    assert (plain - expected).abs().max().item() > 1e-2  # the bias really changes the result

@@ -33,7 +33,7 @@ def _requests() -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
 def folder(request, tmp_path_factory):
     folder, _ = make_tiny_checkpoint(tmp_path_factory.mktemp(f"invariance-{request.param}"), request.param)
     return folder
@@ -41,7 +41,8 @@ def folder(request, tmp_path_factory):
 
 def test_staggered_batch_equals_each_request_alone(folder, embedded_gguf):
     requests = _requests()
-    alone_llm = LLM(str(folder), tokenizer=embedded_gguf, enable_prefix_caching=False, num_kv_blocks=64)
+    alone_llm = LLM(str(folder), tokenizer=embedded_gguf, enable_prefix_caching=False, num_kv_blocks=64,
+                    max_model_len=512)
     alone = [alone_llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
              for p, sp in requests]
 

@@ -82,14 +82,21 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tor
     return blocks.flatten(0, 1)[:seq_len]
 
 
+def alibi_bias(slopes: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """ALiBi as BLOOM adds it: slope_h * key position ([H] x [..., L] -> [H, ..., L]). Adding
+    slope * (key - query) instead would give the same softmax: the query part is constant per row."""
+    return slopes.view(-1, *([1] * k_pos.dim())) * k_pos.to(slopes.dtype)
+
+
 def reference_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, sliding_window: int | None = None,
+    scale: float, sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [T, heads, head_dim] -> output [T, heads, head_dim].
 
     A sequence's new tokens are the last `q_len` of its `seq_len` context; token i may attend
-    to context positions <= its own (and, with a sliding window w, > its own - w).
+    to context positions <= its own (and, with a sliding window w, > its own - w). With
+    `alibi_slopes` [heads], slope_h * key_position is added to the scaled scores.
     """
     num_heads = query.shape[1]
     kv_heads = k_cache.shape[2]
@@ -116,6 +123,9 @@ def reference_paged_attention(
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
+        if alibi_slopes is not None:
+            bias = alibi_bias(alibi_slopes, torch.arange(seq_len, device=q.device)[None, :])[None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.squeeze(0).transpose(0, 1)
     return out
@@ -129,13 +139,14 @@ class PagedAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.alibi_slopes = alibi_slopes  # [num_heads] fp32, or None (a constant, not a parameter)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -148,7 +159,8 @@ class PagedAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                                    self.alibi_slopes)
         return out.view(t, self.num_heads * self.head_dim)
 
 
@@ -190,7 +202,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 def torch_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, sliding_window: int | None = None,
+    scale: float, sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
     decode = meta.decode
@@ -203,7 +215,12 @@ def torch_paged_attention(
         keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
         values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
         q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
-        o = _grouped_sdpa(q, keys, values, decode.window_mask(sliding_window), scale)
+        mask = decode.window_mask(sliding_window)
+        if alibi_slopes is not None:  # per query head: [KVH, G] rows match the folded queries
+            pos = torch.arange(mask.shape[-1], device=mask.device)
+            bias = alibi_bias(alibi_slopes.to(query.dtype), pos).view(1, kv_heads, -1, pos.numel())  # [1, KVH, G, L]
+            mask = bias.masked_fill(~mask, float("-inf"))
+        o = _grouped_sdpa(q, keys, values, mask, scale)
         out.index_copy_(0, decode.token_idx, o[:, 0])
     starts = meta.query_start_loc_list
     for i in decode.other_seqs:
@@ -214,7 +231,7 @@ def torch_paged_attention(
         values = _gather(v_cache, meta.block_tables[i], seq_len).to(query.dtype).transpose(0, 1)[None]
         q = query[q_start:q_end].transpose(0, 1)[None]  # [1, H, q_len, D]
         # Prompt chunks: SDPA's own GQA; a whole prompt takes the fused causal kernel.
-        if q_len == seq_len and sliding_window is None:
+        if q_len == seq_len and sliding_window is None and alibi_slopes is None:
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
@@ -222,6 +239,8 @@ def torch_paged_attention(
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
+            if alibi_slopes is not None:
+                mask = alibi_bias(alibi_slopes.to(query.dtype), k_pos)[None].masked_fill(~mask, float("-inf"))
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out

@@ -4,6 +4,7 @@ Weights are dequantized to the compute dtype at load. llama.cpp's converter perm
 of Q and K for its rotary layout ("llama" architecture only); we undo that so one model
 implementation serves both sources. For "gpt2" it stores the Conv1D projections transposed
 ([out, in]); they are handed on in Hugging Face's [in, out] layout (a view), like a checkpoint.
+For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpoint's order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                           "bloom": "BloomForCausalLM"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -56,6 +58,26 @@ _GPT2_GLOBAL_NAMES = {
     "output_norm.bias": "transformer.ln_f.bias",
     "output.weight": "lm_head.weight",
 }
+# BLOOM: llama.cpp regroups query_key_value into [q heads | k heads | v heads] rows.
+_BLOOM_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
+    "attn_qkv.weight": "self_attention.query_key_value.weight",
+    "attn_qkv.bias": "self_attention.query_key_value.bias",
+    "attn_output.weight": "self_attention.dense.weight", "attn_output.bias": "self_attention.dense.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_norm.bias": "post_attention_layernorm.bias",
+    "ffn_up.weight": "mlp.dense_h_to_4h.weight", "ffn_up.bias": "mlp.dense_h_to_4h.bias",
+    "ffn_down.weight": "mlp.dense_4h_to_h.weight", "ffn_down.bias": "mlp.dense_4h_to_h.bias",
+}
+_BLOOM_GLOBAL_NAMES = {
+    "token_embd.weight": "transformer.word_embeddings.weight",
+    "token_embd_norm.weight": "transformer.word_embeddings_layernorm.weight",
+    "token_embd_norm.bias": "transformer.word_embeddings_layernorm.bias",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_NAME_MAPS = {"gpt2": (_GPT2_GLOBAL_NAMES, _GPT2_LAYER_NAMES, "transformer.h"),
+              "bloom": (_BLOOM_GLOBAL_NAMES, _BLOOM_LAYER_NAMES, "transformer.h")}
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 ROPE_FREQS = "rope_freqs.weight"  # llama3 per-dimension frequency divisors
 
@@ -135,6 +157,13 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         architectures=[SUPPORTED_ARCHITECTURES[arch]],
     )
+    if arch == "bloom":
+        from transformers import BloomConfig
+
+        return BloomConfig(vocab_size=kwargs["vocab_size"], hidden_size=hidden, n_layer=kwargs["num_hidden_layers"],
+                           n_head=heads, layer_norm_epsilon=meta("attention.layer_norm_epsilon", 1e-5),
+                           bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
+                           architectures=[SUPPORTED_ARCHITECTURES[arch]])
     if arch == "gpt2":
         from transformers import GPT2Config
 
@@ -157,6 +186,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _bloom_interleave_qkv(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's [q heads | k heads | v heads] rows -> the checkpoint's per-head [q|k|v]."""
+    return w.reshape(3, n_head, w.shape[0] // 3 // n_head, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
 def dequantize(tensor: Any) -> np.ndarray:
     from gguf import quants
 
@@ -172,8 +206,7 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path) -> Iterator[tuple
     arch = _field(reader, "general.architecture")
     permute = arch == "llama"
     gpt2 = arch == "gpt2"
-    global_names, layer_names = (_GPT2_GLOBAL_NAMES, _GPT2_LAYER_NAMES) if gpt2 else (_GLOBAL_NAMES, _LAYER_NAMES)
-    layer_prefix = "transformer.h" if gpt2 else "model.layers"
+    global_names, layer_names, layer_prefix = _NAME_MAPS.get(arch, (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
     for tensor in reader.tensors:
         name = tensor.name
         if name == ROPE_FREQS:
@@ -195,6 +228,8 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path) -> Iterator[tuple
             array = _unpermute(array, hf_config.num_key_value_heads)
         elif gpt2 and array.ndim == 2 and hf_name.startswith("transformer.h."):
             array = array.T  # back to Conv1D's [in, out], as the model's loader expects
+        elif arch == "bloom" and ".query_key_value." in hf_name:
+            array = _bloom_interleave_qkv(array, hf_config.n_head)
         yield hf_name, torch.from_numpy(array)
 
 

@@ -7,10 +7,12 @@ from typing import Any
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
+from miaotui.models.bloom import BloomForCausalLM
 from miaotui.models.gpt2 import GPT2LMHeadModel
 from miaotui.models.llama import LlamaForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
+    "BloomForCausalLM": BloomForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
