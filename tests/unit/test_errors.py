@@ -38,11 +38,13 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    make_tiny_checkpoint(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
-                       match=r"GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                       match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, "
+                             r"MistralForCausalLM, Qwen2ForCausalLM"):
         _load(tmp_path)
 
 

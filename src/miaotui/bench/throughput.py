@@ -1,6 +1,6 @@
 """Offline throughput: N requests through `LLM.generate` vs transformers `generate()` batched.
 
-    miaotui bench throughput [--model M] [--num-requests 32] [--input-len 128] [--output-len 128]
+    miaotui bench throughput [--model M] [--tokenizer T] [--num-requests 32] [--input-len 128] [--output-len 128]
         [--hf-batch-size 32] [--threads N] [--skip-hf] [--json PATH]
     (or: python benchmarks/throughput.py ...)
 
@@ -58,7 +58,7 @@ def _run_miaotui(args: argparse.Namespace, queue: mp.Queue) -> None:
     from miaotui import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, max_num_seqs=max(args.num_requests, 1))
+    llm = LLM(args.model, tokenizer=args.tokenizer, max_num_seqs=max(args.num_requests, 1))
     prompts = make_prompts(llm.get_tokenizer(), args.num_requests, args.input_len)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate({"prompt_token_ids": prompts[0][:8]}, SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
@@ -80,12 +80,16 @@ def _run_transformers(args: argparse.Namespace, queue: mp.Queue) -> None:
 
     torch.set_num_threads(args.threads)
     source = resolve_model(args.model)
+    tok_source = resolve_model(args.tokenizer) if args.tokenizer else source
+    if tok_source.is_gguf:
+        folder, name = os.path.split(tok_source.path)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    else:
+        tok = AutoTokenizer.from_pretrained(tok_source.path)
     if source.is_gguf:
         folder, name = os.path.split(source.path)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     else:
-        tok = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
     model.eval()
     model.generation_config.eos_token_id = None  # exactly output_len tokens, like ignore_eos
@@ -121,6 +125,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer (folder or GGUF) when the model folder has none, e.g. a random test model")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
