@@ -44,7 +44,7 @@ def test_malformed_json_is_400(client):
     ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0),
     ("presence_penalty", 3), ("logprobs", 50), ("top_k", -5), ("min_p", 2), ("repetition_penalty", 0),
     ("logit_bias", {"7": 500}), ("logit_bias", {"999999": 1}), ("stop", [""]), ("seed", "abc"),
-    ("n", "two"), ("max_tokens", 1.5),
+    ("n", "two"), ("max_tokens", 1.5), ("n", 1000),
 ])
 def test_invalid_field_is_400_naming_it(client, field, value):
     resp = client.post("/v1/completions", json={"prompt": "Hello", field: value})

@@ -242,6 +242,9 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
 def _job(state: ServerState, prompts: list[list[int]], requested: int | None, make_params, n: int,
          prefix: str) -> _Job:
     limit = state.max_model_len
+    max_seqs = state.llm_engine.scheduler.config.max_num_seqs
+    if n > max_seqs:  # could never run, however long it queued: not a 429
+        raise APIError(400, f"n: {n} exceeds the server's max_num_seqs={max_seqs}", param="n")
     params = []
     for ids in prompts:
         try:
