@@ -43,7 +43,6 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
     tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
     """
     import gguf
-    from gguf import quants
 
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)

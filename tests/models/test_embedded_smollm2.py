@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miaotui import LLM, SamplingParams
+from miaotui import SamplingParams
 
 pytestmark = pytest.mark.embedded
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
+from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
 
@@ -69,7 +70,7 @@ class BloomBlock(nn.Module):
         return mlp + (normed if self.post_ln_residual else h)
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(CausalLMHead, nn.Module):
     tie_word_embeddings = True
 
     def __init__(self, cfg: Any) -> None:
@@ -93,12 +94,6 @@ class BloomForCausalLM(nn.Module):
         for block in self.transformer.h:
             h = block(h, meta)
         return self.transformer.ln_f(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        quantized = getattr(self, "quantized_head", None)  # set by layers.quantized
-        if quantized is not None:
-            return quantized(hidden).float()
-        return F.linear(hidden, self.transformer.word_embeddings.weight).float()
 
     def _regroup_qkv(self, tensor: torch.Tensor) -> torch.Tensor:
         """[heads, 3, head_dim, ...] rows -> [3, heads, head_dim, ...]."""

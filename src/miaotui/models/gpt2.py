@@ -15,6 +15,7 @@ from torch import nn
 
 from miaotui.errors import UnsupportedModelError
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
+from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
 _ACTIVATIONS = {
@@ -70,7 +71,7 @@ class GPT2Block(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLMHead, nn.Module):
     tie_word_embeddings = True  # GPT-2's head is always its token embedding
 
     def __init__(self, cfg: Any) -> None:
@@ -99,12 +100,6 @@ class GPT2LMHeadModel(nn.Module):
         for block in self.transformer.h:
             h = block(h, meta)
         return self.transformer.ln_f(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        quantized = getattr(self, "quantized_head", None)  # set by layers.quantized
-        if quantized is not None:
-            return quantized(hidden).float()
-        return F.linear(hidden, self.transformer.wte.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Take Hugging Face GPT-2 tensors, with or without the `transformer.` prefix (the

@@ -19,6 +19,7 @@ from miaotui.errors import UnsupportedModelError
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
+from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
 
@@ -93,7 +94,7 @@ _FUSED = {
 _FUSED_NAME = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+_proj)\.(weight|bias)$")
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMHead, nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         act = getattr(cfg, "hidden_act", "silu")
@@ -124,14 +125,6 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta)
         return self.model.norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        quantized = getattr(self, "quantized_head", None)  # set by layers.quantized for tied heads
-        if quantized is not None:
-            return quantized(hidden).float()
-        if self.tie_word_embeddings:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Take Hugging Face-named tensors; fuse Q/K/V and gate/up into their shared parameters."""
