@@ -45,6 +45,15 @@ def _ours(path):
     return load_model(resolve_model(str(path)), ModelConfig(model=str(path)))
 
 
+def _prompt_logits(model, path, ids: list[int]) -> torch.Tensor:
+    """Our logits for the token after `ids`, one prefill step through the paged runner."""
+    runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=8, num_blocks=64), 512)
+    kv = KVCacheManager(64, 8)
+    req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
+    assert kv.allocate_slots(req, len(ids))
+    return runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+
+
 def test_dequantized_weights_match_transformers_gguf_loader(tiny_gguf):
     from transformers import AutoModelForCausalLM
 
@@ -85,15 +94,10 @@ def test_logits_match_transformers_on_the_same_gguf(tiny_gguf):
 
     path, _ = tiny_gguf
     model, _ = _ours(path)
-    config = ModelConfig(model=str(path))
-    runner = ModelRunner(model, config, CacheConfig(block_size=8, num_blocks=64), 512)
-    kv = KVCacheManager(64, 8)
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (19,)).tolist()
-    req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
-    assert kv.allocate_slots(req, len(ids))
-    ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    ours = _prompt_logits(model, path, ids)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0, -1]
     assert (ours - expected).abs().max().item() <= 1e-4
@@ -136,11 +140,6 @@ def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
     the same weights transformers' own GGUF loader produces, and gives its logits."""
     from transformers import AutoModelForCausalLM
 
-    from miaotui.engine.kv_cache import KVCacheManager
-    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
-    from miaotui.request import Request
-    from miaotui.runner.model_runner import ModelRunner
-    from miaotui.sampling_params import SamplingParams
     from tests.gguf_writer import write_gpt2_gguf
 
     # transformers' GGUF loader takes the vocabulary from the tokenizer and ignores
@@ -157,11 +156,7 @@ def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
     assert torch.equal(ours["transformer.h.1.attn.c_attn.weight"], ref_sd["transformer.h.1.attn.c_attn.weight"].t())
     assert torch.equal(ours["transformer.wpe.weight"], ref_sd["transformer.wpe.weight"])
     ids = torch.randint(0, 256, (11,)).tolist()
-    runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=4, num_blocks=16), 64)
-    kv = KVCacheManager(16, 4)
-    req = Request("r", ids, SamplingParams(temperature=0), frozenset(), 64, "r")
-    assert kv.allocate_slots(req, len(ids))
-    logits = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    logits = _prompt_logits(model, path, ids)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0, -1]
     assert (logits - expected).abs().max().item() <= 1e-4
@@ -170,11 +165,6 @@ def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
 def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
     """llama.cpp's "bloom" layout (query_key_value regrouped by q/k/v, the tied head written out),
     in F32, reproduces the transformers model's logits."""
-    from miaotui.engine.kv_cache import KVCacheManager
-    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
-    from miaotui.request import Request
-    from miaotui.runner.model_runner import ModelRunner
-    from miaotui.sampling_params import SamplingParams
     from tests.gguf_writer import write_bloom_gguf
 
     _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "bloom", n_head=6, hidden_size=96)
@@ -182,12 +172,7 @@ def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
     model, cfg = _ours(path)
     assert cfg.architectures == ["BloomForCausalLM"] and cfg.n_head == 6
     ids = torch.randint(0, 256, (13,)).tolist()
-    runner = ModelRunner(model, ModelConfig(model=str(path), max_model_len=64),
-                         CacheConfig(block_size=4, num_blocks=32), 64)
-    kv = KVCacheManager(32, 4)
-    req = Request("r", ids, SamplingParams(temperature=0), frozenset(), 64, "r")
-    assert kv.allocate_slots(req, len(ids))
-    logits = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    logits = _prompt_logits(model, path, ids)
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0, -1]
     assert (logits - expected).abs().max().item() <= 1e-4
