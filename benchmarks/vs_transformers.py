@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miaotui import LLM, SamplingParams
+from miaotui.config import QUANTIZATIONS
 from miaotui.loader.default_model import embedded_model_path
 
 PARAGRAPH = (
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-prompt-len", type=int, default=16)
-    ap.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+    ap.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                     help="miaotui's weight-only quantization (transformers stays fp32)")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     args = ap.parse_args()

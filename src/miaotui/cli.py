@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.config import QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.errors import MiaotuiError
 from miaotui.outputs import RequestOutput
@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: a share of free memory)")
-    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="weight-only quantization at load (CPU): int4 (groups of 32) or int8 "
                         "per channel; activations meet the weights in bf16")
 
@@ -50,12 +50,15 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
+    """The configs `_add_model_args` flags describe (validated here, before anything loads)."""
+    return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                        max_model_len=args.max_model_len, quantization=args.quantization),
+            CacheConfig(kv_cache_memory_gib=args.kv_cache_memory))
+
+
 def _engine(args: argparse.Namespace) -> LLMEngine:
-    return LLMEngine(
-        ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                    max_model_len=args.max_model_len, quantization=args.quantization),
-        CacheConfig(kv_cache_memory_gib=args.kv_cache_memory), SchedulerConfig(),
-    )
+    return LLMEngine(*model_and_cache_configs(args), SchedulerConfig())
 
 
 def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) -> Iterator[str]:

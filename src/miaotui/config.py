@@ -21,6 +21,10 @@ _DTYPES = {
 }
 
 
+# Weight-only quantization modes (layers/quantized.py): on torch's low-bit CPU kernels.
+QUANTIZATIONS = ("none", "int8", "int4")
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a user-facing dtype name to a torch dtype; unknown names raise ValueError."""
     if isinstance(dtype, torch.dtype):
@@ -60,12 +64,12 @@ class ModelConfig:
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
-    quantization: str = "none"  # none | int8 | int4: weight-only, on torch's CPU low-bit kernels
+    quantization: str = "none"  # one of QUANTIZATIONS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"quantization: must be none, int8 or int4, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization != "none" and not str(self.device).startswith("cpu"):
             raise ValueError(f"quantization: {self.quantization} runs on the CPU only, not on {self.device}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -18,9 +18,10 @@ import logging
 import torch
 from torch import nn
 
+from miaotui.config import QUANTIZATIONS
+
 logger = logging.getLogger("miaotui")
 
-QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP = 32
 _ACT_DTYPE = torch.bfloat16
 
@@ -34,30 +35,45 @@ def quantization_supported(mode: str) -> bool:
     return mode == "none"
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+class _WeightOnlyLinear(nn.Module):
+    """y = x W^T + b with W stored low-bit: activations go to bf16 for the kernel and back."""
+
+    out_features: int
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] bf16 -> [M, N] bf16
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]).to(_ACT_DTYPE))
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(_WeightOnlyLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(bias)
         w = weight.detach().float()
         # Scales are stored in bf16: round first, then quantize against the rounded scale.
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(_ACT_DTYPE).float()
         self.out_features, self.in_features = w.shape
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(_ACT_DTYPE))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(_ACT_DTYPE), self.qweight, self.scales)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = INT4_GROUP) -> None:
-        super().__init__()
+        super().__init__(bias)
         w = weight.detach().float()
         n, k = w.shape
         if k % group_size:
@@ -74,14 +90,9 @@ class Int4Linear(nn.Module):
         # [k / group, n, 2]: the layout the kernel reads.
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
                              .to(_ACT_DTYPE))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(_ACT_DTYPE), self.qweight,
-                                                       self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
 
 def _quantized(linear: nn.Linear, mode: str) -> nn.Module:

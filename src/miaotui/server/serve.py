@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 
-from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from miaotui.config import SchedulerConfig, ServerConfig
 
 logger = logging.getLogger("miaotui.server")
 
@@ -67,6 +67,7 @@ class _Server:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from miaotui.cli import model_and_cache_configs
     from miaotui.engine.async_engine import AsyncLLMEngine
     from miaotui.engine.llm_engine import LLMEngine
     from miaotui.server.app import build_app
@@ -77,9 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_queued_requests=args.max_queued_requests,
                                  max_body_bytes=args.max_body_bytes,
                                  graceful_shutdown_s=args.graceful_shutdown)
-    model_config = ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                               max_model_len=args.max_model_len, quantization=args.quantization)
-    cache_config = CacheConfig(kv_cache_memory_gib=args.kv_cache_memory)
+    model_config, cache_config = model_and_cache_configs(args)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens)
 
