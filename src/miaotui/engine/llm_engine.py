@@ -82,11 +82,7 @@ class LLMEngine:
         different `cache_salt` never share prefix-cache blocks (e.g. one salt per tenant)."""
         params = params or SamplingParams()
         request_id, text, ids = self._new_request(request_id, prompt)
-        if params.n > self.scheduler.config.max_num_seqs:
-            raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
-        vocab = self.hf_config.vocab_size
-        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
+        self.check_params(params)
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
@@ -118,26 +114,35 @@ class LLMEngine:
         self.scheduler.add(group.beams[0])
         return request_id
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: limits of this engine and model."""
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n: {params.n} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
+        vocab = self.hf_config.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
+
     def _new_request(self, request_id: str | None, prompt: str | list[int]) -> tuple[str, str | None, list[int]]:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents or request_id in self._beam_groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids)
-        return request_id, text, ids
-
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        self.check_prompt_ids(ids)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt is {len(ids)} tokens, but the model's context is {self.max_model_len} tokens "
                 f"(the prompt must leave room for at least one generated token)"
             )
+        return request_id, text, ids
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        """A non-empty list of token ids of this model's vocabulary."""
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""

@@ -242,13 +242,13 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
 def _job(state: ServerState, prompts: list[list[int]], requested: int | None, make_params, n: int,
          prefix: str) -> _Job:
     limit = state.max_model_len
-    max_seqs = state.llm_engine.scheduler.config.max_num_seqs
-    if n > max_seqs:  # could never run, however long it queued: not a 429
-        raise APIError(400, f"n: {n} exceeds the server's max_num_seqs={max_seqs}", param="n")
     params = []
     for ids in prompts:
         try:
             params.append(make_params(_max_tokens(requested, len(ids), limit)))
+            # The engine's own limits, checked before admission: n beyond max_num_seqs could
+            # never run however long it queued (a 400, not a 429).
+            state.llm_engine.check_params(params[-1])
         except ValueError as exc:
             raise bad_request(exc) from exc
     return _Job(prompts, params, n, f"{prefix}-{uuid.uuid4().hex}")

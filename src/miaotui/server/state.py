@@ -93,9 +93,7 @@ class ServerState:
             if not prompt:
                 raise ValueError("prompt: must not be empty")
             return self.tokenizer.encode(prompt)
-        vocab = self.llm_engine.hf_config.vocab_size
-        if not prompt or any(t < 0 or t >= vocab for t in prompt):
-            raise ValueError(f"prompt: token ids must be a non-empty list of integers in [0, {vocab})")
+        self.llm_engine.check_prompt_ids(prompt)
         return list(prompt)
 
     def detokenize(self, ids: list[int]) -> str:
