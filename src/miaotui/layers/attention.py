@@ -88,6 +88,20 @@ def alibi_bias(slopes: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return slopes.view(-1, *([1] * k_pos.dim())) * k_pos.to(slopes.dtype)
 
 
+def chunk_mask(q_len: int, seq_len: int, device: torch.device, sliding_window: int | None = None,
+               alibi_slopes: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The SDPA mask of a sequence's last q_len tokens over its seq_len context: causal (and
+    windowed) as bool [q_len, seq_len], or with ALiBi a float bias [heads, q_len, seq_len]."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    if alibi_slopes is None:
+        return mask
+    return alibi_bias(alibi_slopes.to(dtype), k_pos).masked_fill(~mask, float("-inf"))
+
+
 def reference_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
     scale: float, sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
@@ -117,15 +131,8 @@ def reference_paged_attention(
         k = keys.transpose(0, 1).unsqueeze(0).to(q.dtype)
         v = values.transpose(0, 1).unsqueeze(0).to(q.dtype)
         mask = None
-        if q_len > 1 or (sliding_window is not None and seq_len > sliding_window):
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
-        if alibi_slopes is not None:
-            bias = alibi_bias(alibi_slopes, torch.arange(seq_len, device=q.device)[None, :])[None]
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        if q_len > 1 or (sliding_window is not None and seq_len > sliding_window) or alibi_slopes is not None:
+            mask = chunk_mask(q_len, seq_len, q.device, sliding_window, alibi_slopes)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.squeeze(0).transpose(0, 1)
     return out
@@ -234,13 +241,7 @@ def torch_paged_attention(
         if q_len == seq_len and sliding_window is None and alibi_slopes is None:
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-            k_pos = torch.arange(seq_len, device=query.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
-            if alibi_slopes is not None:
-                mask = alibi_bias(alibi_slopes.to(query.dtype), k_pos)[None].masked_fill(~mask, float("-inf"))
+            mask = chunk_mask(q_len, seq_len, query.device, sliding_window, alibi_slopes, query.dtype)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out
