@@ -45,13 +45,18 @@ def _ours(path):
     return load_model(resolve_model(str(path)), ModelConfig(model=str(path)))
 
 
-def _prompt_logits(model, path, ids: list[int]) -> torch.Tensor:
-    """Our logits for the token after `ids`, one prefill step through the paged runner."""
+def assert_prompt_logits_match(model, path, reference, num_tokens: int) -> None:
+    """Our next-token logits after a random prompt (one prefill step through the paged runner)
+    are within 1e-4 of `reference`'s (a transformers model)."""
+    ids = torch.randint(0, 256, (num_tokens,)).tolist()
     runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=8, num_blocks=64), 512)
     kv = KVCacheManager(64, 8)
     req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
     assert kv.allocate_slots(req, len(ids))
-    return runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1]
+    assert (ours - expected).abs().max().item() <= 1e-4
 
 
 def test_dequantized_weights_match_transformers_gguf_loader(tiny_gguf):
@@ -96,11 +101,7 @@ def test_logits_match_transformers_on_the_same_gguf(tiny_gguf):
     model, _ = _ours(path)
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     torch.manual_seed(0)
-    ids = torch.randint(0, 256, (19,)).tolist()
-    ours = _prompt_logits(model, path, ids)
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0, -1]
-    assert (ours - expected).abs().max().item() <= 1e-4
+    assert_prompt_logits_match(model, path, ref, 19)
 
 
 def test_unsupported_quant_type_is_named(tmp_path):
@@ -155,11 +156,7 @@ def test_gpt2_gguf_loads_like_transformers(tmp_path, embedded_gguf):
     ours = dict(model.named_parameters())
     assert torch.equal(ours["transformer.h.1.attn.c_attn.weight"], ref_sd["transformer.h.1.attn.c_attn.weight"].t())
     assert torch.equal(ours["transformer.wpe.weight"], ref_sd["transformer.wpe.weight"])
-    ids = torch.randint(0, 256, (11,)).tolist()
-    logits = _prompt_logits(model, path, ids)
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0, -1]
-    assert (logits - expected).abs().max().item() <= 1e-4
+    assert_prompt_logits_match(model, path, ref, 11)
 
 
 def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
@@ -171,8 +168,4 @@ def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
     path = write_bloom_gguf(tmp_path / "bloom.gguf", hf_model, lambda name: "F32")
     model, cfg = _ours(path)
     assert cfg.architectures == ["BloomForCausalLM"] and cfg.n_head == 6
-    ids = torch.randint(0, 256, (13,)).tolist()
-    logits = _prompt_logits(model, path, ids)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor([ids])).logits[0, -1]
-    assert (logits - expected).abs().max().item() <= 1e-4
+    assert_prompt_logits_match(model, path, hf_model, 13)

@@ -108,6 +108,13 @@ def growing_pair() -> tuple[Request, Request]:
             make_req("b", tokens(12, 50), max_tokens=20, ignore_eos=True, max_model_len=40))
 
 
+def step_until_preempted(runner: "FakeRunner"):
+    """Step until a step preempts something; return that step's output."""
+    while not (out := runner.step()).preempted:
+        pass
+    return out
+
+
 def make(num_blocks: int = 64, *, max_num_seqs: int = 8, budget: int = 64,
          enable_prefix_caching: bool = True) -> tuple[Scheduler, KVCacheManager, FakeRunner]:
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=enable_prefix_caching)
@@ -222,10 +229,7 @@ def test_newest_running_request_is_preempted_and_later_completes():
     a, b = growing_pair()
     sched.add(a)
     sched.add(b)
-    while True:
-        out = runner.step()
-        if out.preempted:
-            break
+    out = step_until_preempted(runner)
     assert out.preempted == ["b"]
     assert sched.num_preemptions == 1
     assert [s.request.request_id for s in out.seqs] == ["a"]
@@ -250,8 +254,7 @@ def test_preemption_puts_the_victim_at_the_front_of_waiting():
     c = make_req("c", tokens(4, 80), max_tokens=1)
     for r in (a, b, c):
         sched.add(r)
-    while not runner.step().preempted:
-        pass
+    step_until_preempted(runner)
     assert [w.request_id for w in sched.waiting] == ["b", "c"]
     runner.drain()
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in (a, b, c))
@@ -364,8 +367,7 @@ def test_abort_preempted_request_and_unknown_or_repeated_ids():
     a, b = growing_pair()
     sched.add(a)
     sched.add(b)
-    while not runner.step().preempted:
-        pass
+    step_until_preempted(runner)
     sched.finish("b", RequestStatus.FINISHED_ABORTED)
     sched.finish("b", RequestStatus.FINISHED_STOPPED)  # already finished: ignored
     sched.finish("nope", RequestStatus.FINISHED_ABORTED)
