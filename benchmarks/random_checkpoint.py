@@ -3,14 +3,14 @@ download: `python benchmarks/random_checkpoint.py gpt2 /tmp/gpt2-random [--layer
 
 The vocabulary is the embedded model's (49,152 tokens), so `--tokenizer` can be the embedded
 GGUF; sizes default to the real small models (gpt2: 12 x 768, 12 heads; bloom: bloom-560m's
-24 x 1024, 16 heads).
+24 x 1024, 16 heads; t5: t5-small's 6 + 6 layers x 512, 8 heads, d_ff 2048, ReLU).
 """
 
 import argparse
 
 import torch
 
-DEFAULTS = {"gpt2": (12, 768, 12), "bloom": (24, 1024, 16), "llama": (30, 576, 9)}
+DEFAULTS = {"gpt2": (12, 768, 12), "bloom": (24, 1024, 16), "llama": (30, 576, 9), "t5": (6, 512, 8)}
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
     layers, hidden, heads = DEFAULTS[args.arch]
     layers, hidden, heads = args.layers or layers, args.hidden or hidden, args.heads or heads
@@ -34,6 +34,10 @@ def main() -> None:
     elif args.arch == "bloom":
         model = BloomForCausalLM(BloomConfig(vocab_size=49152, hidden_size=hidden, n_layer=layers, n_head=heads,
                                              bos_token_id=1, eos_token_id=2))
+    elif args.arch == "t5":
+        model = T5ForConditionalGeneration(T5Config(vocab_size=49152, d_model=hidden, d_kv=hidden // heads,
+                                                    d_ff=4 * hidden, num_layers=layers, num_heads=heads,
+                                                    feed_forward_proj="relu", decoder_start_token_id=0))
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=hidden, num_hidden_layers=layers,
                                              num_attention_heads=heads, num_key_value_heads=3,

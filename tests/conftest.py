@@ -15,25 +15,60 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
 TINY_BLOOM = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
+# d_kv * num_heads (32) != d_model (64): the attention inner width differs from the model width.
+TINY_T5 = dict(vocab_size=256, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=4,
+               decoder_start_token_id=0, initializer_factor=1.5)
+
+
+def _sharpen_t5(model) -> None:
+    """Random T5 weights at the default scale make greedy decoding repeat one token forever
+    (the decoder barely sees its own past). A strong decoder position bias and self-attention
+    value projection make the outputs vary with position, so greedy tests exercise it."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("decoder.") and "relative_attention_bias" in name:
+                param.mul_(20.0)
+            elif name.startswith("decoder.") and "SelfAttention.v." in name:
+                param.mul_(3.0)
+
+
+def _untie_t5_head(model, folder: Path) -> None:
+    """The layout of real T5 v1.1 / flan checkpoints: a separate `lm_head.weight` in the file.
+    transformers >= 5 always saves T5 tied, so the head is added to the file by hand and the
+    reference model is given the same separate head."""
+    from safetensors.torch import load_file, save_file
+
+    head = torch.randn(model.config.vocab_size, model.config.d_model) * model.config.d_model**-0.5
+    model.lm_head.weight = torch.nn.Parameter(head)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["lm_head.weight"] = head.clone()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
-    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | gpt2 | bloom) to `folder`.
+    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | gpt2 | bloom |
+    t5) to `folder`. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
     from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
-               "bloom": (BloomConfig, BloomForCausalLM)}
+               "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration)}
     config_cls, model_cls = classes[arch]
+    untied_head = overrides.pop("untied_head", False)
     torch.manual_seed(seed)
-    base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM}.get(arch, TINY)
+    base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM, "t5": TINY_T5}.get(arch, TINY)
     config = config_cls(**{**base, **overrides})
     model = model_cls(config).eval()
+    if arch == "t5":
+        _sharpen_t5(model)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if untied_head:
+        _untie_t5_head(model, folder)
     return folder, model
 
 

@@ -24,6 +24,22 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
+class EncoderState:
+    """Encoder-decoder models: one user request's encoder input and, once the runner has run the
+    encoder, the cross-attention K/V of every decoder layer ([tokens, heads, head_dim] each).
+
+    Shared by reference between all sequences of the request (n > 1 samples, beams): the encoder
+    runs once per request, and the K/V lives exactly as long as a sequence still needs it."""
+
+    token_ids: list[int]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True, eq=False)
 class Request:
     """One sequence being generated. A user request with n > 1 is n of these (see ParentRequest).
 
@@ -43,6 +59,9 @@ class Request:
     # Beam search: the runner returns this sequence's log-distribution instead of sampling, and
     # the engine's beam group (not the scheduler) appends tokens by forking new beams.
     is_beam: bool = False
+    # Encoder-decoder models: the encoder side; `prompt_token_ids` is then the decoder's prompt
+    # (its start token), and every token list below belongs to the decoder.
+    encoder: EncoderState | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False, default_factory=list)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("script,arch,expected_lines", [
     ("gpt2_continuation.py", "gpt2", ["0: Hello, I'm a language model,", "4: Hello, I'm a language model,"]),
     ("bloom_generation.py", "bloom", ['greedy: A cat in French is "', 'beam search (4 beams): A cat in French is "']),
+    ("t5_summarization.py", "t5", ["summary (5 beams): ", "summary (greedy): "]),
 ])
 def test_example_runs(script, arch, expected_lines, tmp_path, embedded_gguf):
     folder, _ = make_tiny_checkpoint(tmp_path / arch, arch, vocab_size=49152)

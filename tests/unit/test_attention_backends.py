@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from miaotui.layers.attention import (AttentionMetadata, build_decode_batch, reference_paged_attention,
                                       torch_paged_attention)
+from miaotui.layers.position_bias import AlibiBias, RelativePositionBias
 
 
 def _batch(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, kv_heads: int, heads: int,
@@ -43,8 +46,8 @@ def test_matches_reference(kv_heads, heads, window):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-def _explicit_attention(query, k_cache, v_cache, meta, scale, slopes):
-    """Softmax(q.k * scale + slope_h * key_pos, causal) . v written out, one head at a time."""
+def _explicit_attention(query, k_cache, v_cache, meta, scale, bias_of):
+    """Softmax(q.k * scale + bias_of(h, query_pos, key_pos), causal) . v, one head at a time."""
     out = torch.empty_like(query)
     block = k_cache.shape[1]
     group = query.shape[1] // k_cache.shape[2]
@@ -56,20 +59,41 @@ def _explicit_attention(query, k_cache, v_cache, meta, scale, slopes):
         for t in range(start, end):
             pos = seq_len - (end - t)
             for h in range(query.shape[1]):
-                scores = keys[: pos + 1, h // group] @ query[t, h] * scale + slopes[h] * torch.arange(pos + 1)
+                scores = keys[: pos + 1, h // group] @ query[t, h] * scale + bias_of(h, pos, torch.arange(pos + 1))
                 out[t, h] = scores.softmax(-1) @ values[: pos + 1, h // group]
     return out
 
 
+def _relative_bias(heads):
+    """T5's causal relative-position bias with random weights, and its value written out: the
+    bucket of distance d = query - key is d itself below 8, then logarithmic (16 buckets, 64)."""
+    torch.manual_seed(heads)
+    module = RelativePositionBias(16, 64, heads, bidirectional=False)
+    table = module.embedding.weight.detach()
+
+    def bucket(d: int) -> int:
+        return d if d < 8 else min(15, 8 + int(math.log(d / 8) / math.log(64 / 8) * 8))
+
+    def bias_of(h, q, keys):
+        return torch.stack([table[bucket(q - int(k)), h] for k in keys])
+
+    return module.forward, bias_of
+
+
+@pytest.mark.parametrize("kind", ["alibi", "t5-relative"])
 @pytest.mark.parametrize("kv_heads,heads", [(4, 4), (2, 6)])
-def test_alibi_matches_reference_and_explicit_formula(kv_heads, heads):
+def test_score_bias_matches_reference_and_explicit_formula(kind, kv_heads, heads):
     seqs = [(5, 1), (16, 1), (17, 1), (9, 4), (1, 1), (33, 33), (40, 1), (64, 7)]
     query, k_cache, v_cache, meta = _batch(seqs, 8, 64, kv_heads, heads, 16, seed=7 + heads)
-    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(heads)])
-    expected = _explicit_attention(query, k_cache, v_cache, meta, 0.25, slopes)
-    reference = reference_paged_attention(query, k_cache, v_cache, meta, 0.25, alibi_slopes=slopes)
+    if kind == "alibi":
+        slopes = torch.tensor([2.0 ** -(i + 1) for i in range(heads)])
+        bias, bias_of = AlibiBias(slopes), lambda h, q, keys: slopes[h] * keys
+    else:
+        bias, bias_of = _relative_bias(heads)
+    expected = _explicit_attention(query, k_cache, v_cache, meta, 0.25, bias_of)
+    reference = reference_paged_attention(query, k_cache, v_cache, meta, 0.25, score_bias=bias)
     meta.decode = build_decode_batch(meta, 8)
-    got = torch_paged_attention(query, k_cache, v_cache, meta, 0.25, alibi_slopes=slopes)
+    got = torch_paged_attention(query, k_cache, v_cache, meta, 0.25, score_bias=bias)
     assert (reference - expected).abs().max().item() < 1e-5
     assert (got - expected).abs().max().item() < 1e-5
     plain = torch_paged_attention(query, k_cache, v_cache, meta, 0.25)

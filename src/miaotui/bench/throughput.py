@@ -6,7 +6,9 @@
 
 Both sides get the same token-id prompts (drawn with a fixed seed from the model's vocabulary
 range of ordinary text) and generate exactly --output-len greedy tokens each (EOS ignored), in
-fp32 on the CPU. transformers runs the requests in batches of --hf-batch-size with left padding.
+fp32 on the CPU. transformers runs the requests in batches of --hf-batch-size with left padding
+(right padding of the encoder input for encoder-decoder models such as T5, whose prompt is the
+encoder's input and whose decoder starts from its start token).
 Each side runs in its own child process so its peak RSS is its own; load time is not counted.
 """
 
@@ -74,7 +76,7 @@ def _run_transformers(args: argparse.Namespace, queue: mp.Queue) -> None:
 
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from miaotui.loader import resolve_model
 
@@ -90,8 +92,11 @@ def _run_transformers(args: argparse.Namespace, queue: mp.Queue) -> None:
         folder, name = os.path.split(source.path)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        seq2seq = getattr(AutoConfig.from_pretrained(source.path), "is_encoder_decoder", False)
+        model_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = model_cls.from_pretrained(source.path, dtype=torch.float32)
     model.eval()
+    seq2seq = model.config.is_encoder_decoder
     model.generation_config.eos_token_id = None  # exactly output_len tokens, like ignore_eos
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompts = make_prompts(tok, args.num_requests, args.input_len)
@@ -101,11 +106,15 @@ def _run_transformers(args: argparse.Namespace, queue: mp.Queue) -> None:
         for i in tqdm(range(0, len(prompts), args.hf_batch_size), desc="transformers", unit="batch"):
             batch = prompts[i:i + args.hf_batch_size]
             width = max(map(len, batch))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            if seq2seq:  # the encoder's input, right-padded; the output starts with the decoder start
+                ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
+                mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
+            else:  # left padding, so every row's new tokens start at the same column
+                ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
                                  do_sample=False, pad_token_id=pad)
-            produced += (out.shape[1] - width) * len(batch)
+            produced += (out.shape[1] - (1 if seq2seq else width)) * len(batch)
     seconds = time.perf_counter() - start
     queue.put(SideResult("transformers", seconds, sum(map(len, prompts)), produced, _peak_rss_mib()))
 

@@ -14,20 +14,27 @@ import torch
 
 from miaotui.engine.scheduler import Scheduler
 from miaotui.outputs import CompletionOutput, RequestOutput
-from miaotui.request import Request, RequestStatus
+from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.sample.beam_search import BeamSearchState
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 
 
 class BeamGroup:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: BeamSearchParams, eos_token_ids: frozenset[int], max_model_len: int) -> None:
+                 params: BeamSearchParams, eos_token_ids: frozenset[int], max_model_len: int,
+                 decoder_prompt: list[int] | None = None, encoder: EncoderState | None = None,
+                 cache_salt: str | None = None) -> None:
+        """Encoder-decoder models pass the decoder's prompt and the shared encoder state; the
+        beams then extend `decoder_prompt` (the user's prompt went to the encoder)."""
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        max_len = min(len(prompt_token_ids) + params.max_tokens, max_model_len)
-        self.state = BeamSearchState(params, len(prompt_token_ids), max_len, eos_token_ids)
+        self._decoder_prompt = decoder_prompt if decoder_prompt is not None else prompt_token_ids
+        self._encoder = encoder
+        self._cache_salt = cache_salt
+        max_len = min(len(self._decoder_prompt) + params.max_tokens, max_model_len)
+        self.state = BeamSearchState(params, len(self._decoder_prompt), max_len, eos_token_ids)
         # Beams never stop by themselves: the search decides when they end.
         self._beam_params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
         self._eos = eos_token_ids
@@ -37,8 +44,9 @@ class BeamGroup:
         self._rows: dict[str, torch.Tensor] = {}
 
     def _new_beam(self, output_ids: list[int]) -> Request:
-        beam = Request(f"{self.request_id}#beam{next(self._ids)}", self.prompt_token_ids, self._beam_params,
-                       self._eos, self._max_model_len, parent_id=self.request_id, is_beam=True)
+        beam = Request(f"{self.request_id}#beam{next(self._ids)}", self._decoder_prompt, self._beam_params,
+                       self._eos, self._max_model_len, parent_id=self.request_id, is_beam=True,
+                       cache_salt=self._cache_salt, encoder=self._encoder)
         for t in output_ids:
             beam.append_output_token(t)
         return beam

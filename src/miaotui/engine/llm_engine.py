@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from miaotui.engine.scheduler import Scheduler
 from miaotui.errors import PromptTooLongError
 from miaotui.loader import eos_token_ids, load_model, resolve_model
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
-from miaotui.request import Request, RequestStatus
+from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import load_tokenizer
@@ -38,7 +39,8 @@ class _ParentRequest:
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    # T5 has no position table (relative buckets); its configs carry the trained length as n_positions.
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None) or 2048
     if requested is None:
         return limit
     if requested > limit:
@@ -62,6 +64,7 @@ class LLMEngine:
         self.model, self.hf_config = load_model(source, model_config)
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
+        self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
         self.runner = ModelRunner(self.model, model_config, cache_config, self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching)
@@ -83,6 +86,7 @@ class LLMEngine:
         params = params or SamplingParams()
         request_id, text, ids = self._new_request(request_id, prompt)
         self.check_params(params)
+        encoder, decoder_prompt, cache_salt = self._decoder_side(ids, cache_salt)
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
@@ -90,11 +94,11 @@ class LLMEngine:
             if params.seed is not None:
                 # n > 1 children get seed + i: reproducible, yet not n copies of one sample.
                 generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            children.append(Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
+            children.append(Request(child_id, decoder_prompt, params, self.eos_token_ids, self.max_model_len,
                                     parent_id=request_id, index=i, generator=generator,
-                                    cache_salt=cache_salt))
-        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
-                  for _ in children]
+                                    cache_salt=cache_salt, encoder=encoder))
+        detoks = [IncrementalDetokenizer(self.tokenizer, decoder_prompt, params.stop_strings,
+                                         params.skip_special_tokens) for _ in children]
         outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
@@ -109,10 +113,28 @@ class LLMEngine:
         if params.beam_width > self.scheduler.config.max_num_seqs:
             raise ValueError(
                 f"beam_width: {params.beam_width} exceeds max_num_seqs={self.scheduler.config.max_num_seqs}")
-        group = BeamGroup(request_id, text, ids, params, self.eos_token_ids, self.max_model_len)
+        encoder, decoder_prompt, salt = self._decoder_side(ids, None)
+        group = BeamGroup(request_id, text, ids, params, self.eos_token_ids, self.max_model_len,
+                          decoder_prompt=decoder_prompt, encoder=encoder, cache_salt=salt)
         self._beam_groups[request_id] = group
         self.scheduler.add(group.beams[0])
         return request_id
+
+    def _decoder_side(self, ids: list[int], cache_salt: str | None
+                      ) -> tuple[EncoderState | None, list[int], str | None]:
+        """(encoder state, the decoder's prompt, prefix-cache salt) of a prompt. Decoder-only: no
+        encoder, the prompt itself. Encoder-decoder: the prompt is the encoder's input, the
+        decoder starts from its start token, and the salt folds in the encoder input (decoder
+        K/V depends on it, so equal decoder tokens under different inputs must never share)."""
+        if not self.is_encoder_decoder:
+            return None, ids, cache_salt
+        digest = hashlib.sha256(repr(ids).encode()).hexdigest()
+        return EncoderState(ids), [self.model.decoder_start_token_id()], f"{cache_salt}|encoder:{digest}"
+
+    def prompt_room(self, prompt_len: int) -> int:
+        """How many tokens a prompt of prompt_len leaves for output in the context window (the
+        decoder's window for encoder-decoder models, whose prompt goes to the encoder)."""
+        return self.max_model_len - (1 if self.is_encoder_decoder else prompt_len)
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: limits of this engine and model."""
@@ -129,7 +151,10 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt_ids(ids)
-        if len(ids) >= self.max_model_len:
+        if self.is_encoder_decoder and len(ids) > self.max_model_len:
+            raise PromptTooLongError(f"prompt is {len(ids)} tokens, but the model's encoder takes at most "
+                                     f"{self.max_model_len} tokens")
+        if not self.is_encoder_decoder and len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt is {len(ids)} tokens, but the model's context is {self.max_model_len} tokens "
                 f"(the prompt must leave room for at least one generated token)"
@@ -165,9 +190,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         sampled, logprobs = result.token_ids, result.logprobs
-        self.prompt_tokens_total += sum(
-            min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.start, 0)) for s in sched.seqs
-        )
+        if self.is_encoder_decoder:  # the prompt is the encoder's input, counted as it is encoded
+            self.prompt_tokens_total = self.runner.encoder_tokens_total
+        else:
+            self.prompt_tokens_total += sum(
+                min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.start, 0)) for s in sched.seqs
+            )
         updated = self.scheduler.update(sched, sampled)
         self.generation_tokens_total += len(updated)
         touched: dict[str, _ParentRequest] = {}

@@ -10,11 +10,19 @@ GQA support (and its fused causal kernel for whole prompts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from miaotui.layers.cross_attention import CrossAttentionBatch
+
+# (query positions [..., 1], key positions [L]) -> bias [heads, ..., L]; see layers/position_bias.py
+ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -59,6 +67,7 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     query_start_loc_list: list[int]
     decode: DecodeBatch | None = None  # set by build_decode_batch for the batched backend
+    cross: CrossAttentionBatch | None = None  # encoder-decoder models: the encoder K/V of each sequence
 
     @property
     def num_seqs(self) -> int:
@@ -82,35 +91,29 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tor
     return blocks.flatten(0, 1)[:seq_len]
 
 
-def alibi_bias(slopes: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """ALiBi as BLOOM adds it: slope_h * key position ([H] x [..., L] -> [H, ..., L]). Adding
-    slope * (key - query) instead would give the same softmax: the query part is constant per row."""
-    return slopes.view(-1, *([1] * k_pos.dim())) * k_pos.to(slopes.dtype)
-
-
 def chunk_mask(q_len: int, seq_len: int, device: torch.device, sliding_window: int | None = None,
-               alibi_slopes: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               score_bias: ScoreBias | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The SDPA mask of a sequence's last q_len tokens over its seq_len context: causal (and
-    windowed) as bool [q_len, seq_len], or with ALiBi a float bias [heads, q_len, seq_len]."""
+    windowed) as bool [q_len, seq_len], or with a score bias a float [heads, q_len, seq_len]."""
     q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
-    k_pos = torch.arange(seq_len, device=device)[None, :]
-    mask = k_pos <= q_pos
+    k_pos = torch.arange(seq_len, device=device)
+    mask = k_pos[None, :] <= q_pos
     if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    if alibi_slopes is None:
+        mask &= k_pos[None, :] > q_pos - sliding_window
+    if score_bias is None:
         return mask
-    return alibi_bias(alibi_slopes.to(dtype), k_pos).masked_fill(~mask, float("-inf"))
+    return score_bias(q_pos, k_pos).to(dtype).masked_fill(~mask, float("-inf"))
 
 
 def reference_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+    scale: float, sliding_window: int | None = None, score_bias: ScoreBias | None = None,
 ) -> torch.Tensor:
     """query [T, heads, head_dim] -> output [T, heads, head_dim].
 
     A sequence's new tokens are the last `q_len` of its `seq_len` context; token i may attend
     to context positions <= its own (and, with a sliding window w, > its own - w). With
-    `alibi_slopes` [heads], slope_h * key_position is added to the scaled scores.
+    `score_bias`, its value at (query position, key position) is added to the scaled scores.
     """
     num_heads = query.shape[1]
     kv_heads = k_cache.shape[2]
@@ -131,8 +134,8 @@ def reference_paged_attention(
         k = keys.transpose(0, 1).unsqueeze(0).to(q.dtype)
         v = values.transpose(0, 1).unsqueeze(0).to(q.dtype)
         mask = None
-        if q_len > 1 or (sliding_window is not None and seq_len > sliding_window) or alibi_slopes is not None:
-            mask = chunk_mask(q_len, seq_len, q.device, sliding_window, alibi_slopes)
+        if q_len > 1 or (sliding_window is not None and seq_len > sliding_window) or score_bias is not None:
+            mask = chunk_mask(q_len, seq_len, q.device, sliding_window, score_bias)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.squeeze(0).transpose(0, 1)
     return out
@@ -142,18 +145,20 @@ class PagedAttention(nn.Module):
     """Writes this layer's new K/V into its cache, then attends over the cached context.
 
     The runner binds `k_cache`/`v_cache` once (`bind_kv_cache`); they are plain attributes,
-    not module state, so they never enter a state dict.
+    not module state, so they never enter a state dict. `score_bias` is a plain callable too:
+    a learned bias (T5) is a module owned by the model and shared by many layers, so it is
+    passed here as its bound `forward`, never registered as this layer's submodule.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
+                 sliding_window: int | None = None, score_bias: ScoreBias | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.alibi_slopes = alibi_slopes  # [num_heads] fp32, or None (a constant, not a parameter)
+        self.score_bias = score_bias
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -167,7 +172,7 @@ class PagedAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
-                                    self.alibi_slopes)
+                                    self.score_bias)
         return out.view(t, self.num_heads * self.head_dim)
 
 
@@ -209,7 +214,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 def torch_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+    scale: float, sliding_window: int | None = None, score_bias: ScoreBias | None = None,
 ) -> torch.Tensor:
     """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
     decode = meta.decode
@@ -223,9 +228,10 @@ def torch_paged_attention(
         values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
         q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
         mask = decode.window_mask(sliding_window)
-        if alibi_slopes is not None:  # per query head: [KVH, G] rows match the folded queries
-            pos = torch.arange(mask.shape[-1], device=mask.device)
-            bias = alibi_bias(alibi_slopes.to(query.dtype), pos).view(1, kv_heads, -1, pos.numel())  # [1, KVH, G, L]
+        if score_bias is not None:  # per query head: [KVH, G] rows match the folded queries
+            k_pos = torch.arange(mask.shape[-1], device=mask.device)
+            bias = score_bias(decode.seq_lens - 1, k_pos).to(query.dtype).movedim(0, 1)  # [Bd or 1, H, L]
+            bias = bias.reshape(bias.shape[0], kv_heads, -1, k_pos.numel())  # [Bd or 1, KVH, G, L]
             mask = bias.masked_fill(~mask, float("-inf"))
         o = _grouped_sdpa(q, keys, values, mask, scale)
         out.index_copy_(0, decode.token_idx, o[:, 0])
@@ -238,10 +244,10 @@ def torch_paged_attention(
         values = _gather(v_cache, meta.block_tables[i], seq_len).to(query.dtype).transpose(0, 1)[None]
         q = query[q_start:q_end].transpose(0, 1)[None]  # [1, H, q_len, D]
         # Prompt chunks: SDPA's own GQA; a whole prompt takes the fused causal kernel.
-        if q_len == seq_len and sliding_window is None and alibi_slopes is None:
+        if q_len == seq_len and sliding_window is None and score_bias is None:
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            mask = chunk_mask(q_len, seq_len, query.device, sliding_window, alibi_slopes, query.dtype)
+            mask = chunk_mask(q_len, seq_len, query.device, sliding_window, score_bias, query.dtype)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out

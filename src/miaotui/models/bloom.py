@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
+from miaotui.layers.position_bias import AlibiBias
 from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
@@ -43,7 +44,7 @@ class BloomAttention(nn.Module):
         with torch.device("cpu"):  # a real tensor even when the model is built on "meta"
             slopes = alibi_slopes(self.num_heads)
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5,
-                                   alibi_slopes=slopes)
+                                   score_bias=AlibiBias(slopes))
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.query_key_value(h).split(self.hidden, dim=-1)

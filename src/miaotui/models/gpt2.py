@@ -10,21 +10,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
+from miaotui.layers.activations import ACTIVATIONS
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
-_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -52,7 +45,7 @@ class GPT2MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.n_embd
         self.c_fc = nn.Linear(cfg.n_embd, inner)
         self.c_proj = nn.Linear(inner, cfg.n_embd)
-        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(h)))
@@ -76,9 +69,9 @@ class GPT2LMHeadModel(CausalLMHead, nn.Module):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        if cfg.activation_function not in _ACTIVATIONS:
+        if cfg.activation_function not in ACTIVATIONS:
             raise UnsupportedModelError(f"GPT-2 activation {cfg.activation_function!r} is not supported; "
-                                        f"supported: {', '.join(sorted(_ACTIVATIONS))}")
+                                        f"supported: {', '.join(sorted(ACTIVATIONS))}")
         if getattr(cfg, "add_cross_attention", False):
             raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
         self.config = cfg

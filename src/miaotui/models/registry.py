@@ -10,6 +10,7 @@ from miaotui.errors import UnsupportedModelError
 from miaotui.models.bloom import BloomForCausalLM
 from miaotui.models.gpt2 import GPT2LMHeadModel
 from miaotui.models.llama import LlamaForCausalLM
+from miaotui.models.t5 import T5ForConditionalGeneration
 
 _MODELS: dict[str, type[nn.Module]] = {
     "BloomForCausalLM": BloomForCausalLM,
@@ -17,6 +18,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MT5ForConditionalGeneration": T5ForConditionalGeneration,
+    "T5ForConditionalGeneration": T5ForConditionalGeneration,
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
+from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ class ModelRunner:
         self._zeroed = bytearray(num_blocks)
         self._zero_new_blocks([0])
         self.sampler = Sampler(model_config.seed, self.device)
+        self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.encoder_tokens_total = 0
+        # The last step's stacked encoder K/V and the EncoderStates it was built from (holding
+        # them keeps identity checks sound); reused while the batch's sequences are the same.
+        self._cross_stack: tuple[list, tuple] | None = None
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -136,11 +142,28 @@ class ModelRunner:
             attn.k_cache.index_fill_(0, index, 0.0)
             attn.v_cache.index_fill_(0, index, 0.0)
 
+    def _cross_batch(self, sched: SchedulerOutput) -> CrossAttentionBatch:
+        """Encode the step's requests whose encoder has not run yet (once per user request, in
+        one padded batch), then lay out every sequence's encoder K/V for cross-attention."""
+        states = [s.request.encoder for s in sched.seqs]
+        fresh = list({id(st): st for st in states if st.cross_kv is None}.values())
+        if fresh:
+            self.encoder_tokens_total += self.model.encode(fresh)
+        cached = self._cross_stack
+        if cached is None or len(cached[0]) != len(states) or any(a is not b for a, b in zip(cached[0], states)):
+            cached = (states, stack_encoder_kv(states, self.device))
+            self._cross_stack = cached
+        keys, values, mask = cached[1]
+        pad_index, q_max = query_layout([s.num_new_tokens for s in sched.seqs], self.device)
+        return CrossAttentionBatch(keys, values, mask, pad_index, q_max)
+
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
         self._zero_new_blocks(b for s in sched.seqs for b in s.request.block_ids)
         ids, positions, meta, rows = self._prepare(sched)
+        if self.is_encoder_decoder:
+            meta.cross = self._cross_batch(sched)
         hidden = self.model(ids, positions, meta)
         return self.model.compute_logits(hidden[rows])
 
@@ -164,6 +187,7 @@ class ModelRunner:
         self._zero_new_blocks(b for pair in sched.block_copies for b in pair)
         self.copy_blocks(sched.block_copies)
         if not sched.seqs:
+            self._cross_stack = None  # nothing runs: let finished requests' encoder K/V go
             return result
         logits = self.forward_logits(sched)
         requests = [s.request for s in sched.seqs if s.samples]

@@ -47,15 +47,19 @@ class _Sent:
     finished: bool = False
 
 
-def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    room = max_model_len - prompt_len
+def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, room: int) -> int:
+    """`room`: what the prompt leaves for output (for encoder-decoder models, the decoder's window)."""
     if requested is None:
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, and "
                                 f"the prompt has {prompt_len} tokens: no room for any output.",
                            param="prompt", code="context_length_exceeded")
         return room
-    if prompt_len + requested > max_model_len:
+    if requested > room and room != max_model_len - prompt_len:  # an encoder-decoder model
+        raise APIError(400, f"This model's decoder generates at most {room} tokens; you requested "
+                            f"{requested} for the completion. Reduce max_tokens.",
+                       param="max_tokens", code="context_length_exceeded")
+    if requested > room:
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
                             f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
                             f"{requested} for the completion). Reduce the prompt or max_tokens.",
@@ -245,7 +249,8 @@ def _job(state: ServerState, prompts: list[list[int]], requested: int | None, ma
     params = []
     for ids in prompts:
         try:
-            params.append(make_params(_max_tokens(requested, len(ids), limit)))
+            room = state.llm_engine.prompt_room(len(ids))
+            params.append(make_params(_max_tokens(requested, len(ids), limit, room)))
             # The engine's own limits, checked before admission: n beyond max_num_seqs could
             # never run however long it queued (a 400, not a 429).
             state.llm_engine.check_params(params[-1])
