@@ -65,7 +65,18 @@ class Sampler:
         if any(r.sampling_params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        # Plain greedy rows (no bias, no penalties) take one batched argmax instead of one each.
+        plain = [i for i, r in enumerate(requests) if r.sampling_params.greedy and not r.sampling_params.logit_bias
+                 and not r.sampling_params.uses_penalties]
+        if len(plain) == len(requests):
+            chosen = logits.argmax(-1)
+        elif plain:
+            rows = torch.tensor(plain, dtype=torch.long, device=logits.device)
+            chosen[rows] = logits.index_select(0, rows).argmax(-1)
+        done = set(plain)
         for i, request in enumerate(requests):
+            if i in done:
+                continue
             params = request.sampling_params
             row = logits[i]
             if params.logit_bias:
