@@ -84,10 +84,9 @@ def forward_all_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     kv = KVCacheManager(64, 16, enable_prefix_caching=False)
     req = Request("r", ids, SamplingParams(temperature=0), frozenset(), 1024, "r")
     assert kv.allocate_slots(req, len(ids))
-    runner._zero_new_blocks(req.block_ids)
-    with torch.inference_mode():
-        input_ids, positions, meta, _ = runner._prepare(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))
-        return model.compute_logits(model(input_ids, positions, meta))
+    inputs = runner.step_inputs(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))
+    inputs.sample_rows = list(range(len(ids)))  # logits at every position, not only the last
+    return runner.forward_inputs(inputs)
 
 
 @pytest.mark.embedded

@@ -44,6 +44,23 @@ def default_kv_cache_gib(device: torch.device) -> float:
 
 
 @dataclass(slots=True)
+class StepInputs:
+    """One step as plain host data, the same for every tensor-parallel rank: the new tokens of
+    each sequence in order (flat), where their K/V goes, each sequence's blocks and lengths, the
+    rows to compute logits for, fork copies (src, dst), and blocks used for the first time."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    query_start: list[int] = field(default_factory=lambda: [0])
+    sample_rows: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    new_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class StepResult:
     """What one step produced: sampled tokens, their logprobs, and beams' log-distributions."""
 
@@ -94,53 +111,61 @@ class ModelRunner:
         # them keeps identity checks sound); reused while the batch's sequences are the same.
         self._cross_stack: tuple[list, tuple] | None = None
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def step_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        """The step as plain host data; marks the blocks it uses for the first time as zeroed."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        query_start = [0]
-        sample_rows: list[int] = []
-        max_blocks = max(len(s.request.block_ids) for s in sched.seqs)
-        tables = torch.zeros(len(sched.seqs), max_blocks, dtype=torch.int64)
-        for i, seq in enumerate(sched.seqs):
+        inputs = StepInputs(block_copies=list(sched.block_copies))
+        used = [b for pair in sched.block_copies for b in pair]
+        used += [b for s in sched.seqs for b in s.request.block_ids]
+        inputs.new_blocks = list(dict.fromkeys(b for b in used if not self._zeroed[b]))
+        for b in inputs.new_blocks:
+            self._zeroed[b] = 1
+        for seq in sched.seqs:
             req = seq.request
             end = seq.start + seq.num_new_tokens
-            input_ids.extend(req.token_ids[seq.start:end])
+            inputs.input_ids.extend(req.token_ids[seq.start:end])
             pos = range(seq.start, end)
-            positions.extend(pos)
+            inputs.positions.extend(pos)
             blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-            seq_lens.append(end)
-            query_start.append(query_start[-1] + seq.num_new_tokens)
+            inputs.slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            inputs.block_tables.append(list(blocks))
+            inputs.seq_lens.append(end)
+            inputs.query_start.append(inputs.query_start[-1] + seq.num_new_tokens)
             if seq.samples:
-                sample_rows.append(query_start[-1] - 1)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens_list=seq_lens,
-            query_start_loc_list=query_start,
-        )
-        meta.decode = build_decode_batch(meta, bs)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos_t, meta, sample_rows
+                inputs.sample_rows.append(inputs.query_start[-1] - 1)
+        return inputs
 
-    def _zero_new_blocks(self, blocks) -> None:
-        fresh = [b for b in blocks if not self._zeroed[b]]
-        if not fresh:
+    def _tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        tables = torch.zeros(len(inputs.block_tables), max(map(len, inputs.block_tables)), dtype=torch.int64)
+        for i, blocks in enumerate(inputs.block_tables):
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(inputs.slots, dtype=torch.int64, device=dev),
+            block_tables=tables.to(dev),
+            seq_lens=torch.tensor(inputs.seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(inputs.query_start, dtype=torch.int32, device=dev),
+            seq_lens_list=inputs.seq_lens,
+            query_start_loc_list=inputs.query_start,
+        )
+        meta.decode = build_decode_batch(meta, self.block_size)
+        ids = torch.tensor(inputs.input_ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(inputs.positions, dtype=torch.int64, device=dev)
+        return ids, positions, meta
+
+    def _zero_blocks(self, blocks: list[int]) -> None:
+        if not blocks:
             return
-        for b in fresh:
-            self._zeroed[b] = 1
-        index = torch.tensor(fresh, dtype=torch.int64, device=self.device)
+        index = torch.tensor(blocks, dtype=torch.int64, device=self.device)
         for attn in self.model.attention_layers():
             attn.k_cache.index_fill_(0, index, 0.0)
             attn.v_cache.index_fill_(0, index, 0.0)
+
+    def _zero_new_blocks(self, blocks) -> None:
+        fresh = [b for b in blocks if not self._zeroed[b]]
+        for b in fresh:
+            self._zeroed[b] = 1
+        self._zero_blocks(fresh)
 
     def _cross_batch(self, sched: SchedulerOutput) -> CrossAttentionBatch:
         """Encode the step's requests whose encoder has not run yet (once per user request, in
@@ -158,14 +183,26 @@ class ModelRunner:
         return CrossAttentionBatch(keys, values, mask, pad_index, q_max)
 
     @torch.inference_mode()
-    def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
-        self._zero_new_blocks(b for s in sched.seqs for b in s.request.block_ids)
-        ids, positions, meta, rows = self._prepare(sched)
+    def forward_inputs(self, inputs: StepInputs, sched: SchedulerOutput | None = None) -> torch.Tensor | None:
+        """Zero fresh blocks, make the fork copies, run the forward pass; logits of the sampled
+        rows [rows, vocab] fp32, or None for a step with no tokens. Every tensor-parallel rank
+        runs this on the same inputs. `sched` is needed by encoder-decoder models only."""
+        # Before the copies: a fork's destination block is zeroed now, then overwritten, and
+        # never zeroed again (a later step would otherwise wipe the copied K/V).
+        self._zero_blocks(inputs.new_blocks)
+        self.copy_blocks(inputs.block_copies)
+        if not inputs.input_ids:
+            self._cross_stack = None  # nothing runs: let finished requests' encoder K/V go
+            return None
+        ids, positions, meta = self._tensors(inputs)
         if self.is_encoder_decoder:
             meta.cross = self._cross_batch(sched)
         hidden = self.model(ids, positions, meta)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
+        return self.forward_inputs(self.step_inputs(sched), sched)
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -182,14 +219,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Copy forked blocks, then forward + sample the sequences that reach their last token."""
         result = StepResult()
-        # Before the copies: a fork's destination block is zeroed now, then overwritten, and
-        # never zeroed again (forward_logits would otherwise wipe the copied K/V).
-        self._zero_new_blocks(b for pair in sched.block_copies for b in pair)
-        self.copy_blocks(sched.block_copies)
-        if not sched.seqs:
-            self._cross_stack = None  # nothing runs: let finished requests' encoder K/V go
-            return result
         logits = self.forward_logits(sched)
+        if logits is None:
+            return result
         requests = [s.request for s in sched.seqs if s.samples]
         rows = [i for i, r in enumerate(requests) if not r.is_beam]
         for i, r in enumerate(requests):
