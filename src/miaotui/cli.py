@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="weight-only quantization at load (CPU): int4 (groups of 32) or int8 "
                         "per channel; activations meet the weights in bf16")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (gloo on CPU, NCCL on GPUs); Llama family")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +55,8 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
     """The configs `_add_model_args` flags describe (validated here, before anything loads)."""
     return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                        max_model_len=args.max_model_len, quantization=args.quantization),
+                        max_model_len=args.max_model_len, quantization=args.quantization,
+                        tensor_parallel_size=args.tensor_parallel_size),
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory))
 
 

@@ -65,9 +65,12 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     quantization: str = "none"  # one of QUANTIZATIONS
+    tensor_parallel_size: int = 1  # ranks holding a shard each (runner/tensor_parallel.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization != "none" and not str(self.device).startswith("cpu"):

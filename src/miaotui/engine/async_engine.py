@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from miaotui.engine.llm_engine import LLMEngine
@@ -34,15 +34,23 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    """Owns `engine` from construction on: nothing else may call it while this runs."""
+    """Owns `engine` from construction on: nothing else may call it while this runs.
 
-    def __init__(self, engine: LLMEngine) -> None:
+    `on_dead(exc)` runs (on the engine thread) once the engine has failed, e.g. so a server can
+    exit instead of answering 503 forever; a runner that can fail outside a step (a
+    tensor-parallel worker dying) reports it through its `on_failure` hooks."""
+
+    def __init__(self, engine: LLMEngine, on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self._on_dead = on_dead
         self.dead_error: BaseException | None = None
+        hooks = getattr(engine.runner, "on_failure", None)
+        if hooks is not None:
+            hooks.append(lambda message: self._commands.put(("fail", message, None, None, None)))
         self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
         self._thread.start()
 
@@ -80,6 +88,7 @@ class AsyncLLMEngine:
         self._stopped = True
         self._commands.put(("stop", None, None, None, None))
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # --- the engine thread -------------------------------------------------------------------
     def _handle(self, command: tuple) -> None:
@@ -95,6 +104,14 @@ class AsyncLLMEngine:
             self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
 
+    def _die(self, exc: BaseException) -> None:
+        self.dead_error = exc
+        for stream in self._streams.values():
+            stream.put(EngineDeadError(f"the engine failed: {exc}"))
+        self._streams.clear()
+        if self._on_dead is not None:
+            self._on_dead(exc)
+
     def _loop(self) -> None:
         while not self._stopped:
             idle = not self.engine.has_unfinished_requests()
@@ -104,6 +121,9 @@ class AsyncLLMEngine:
                 command = None
             while command is not None:
                 if command[0] == "stop":
+                    return
+                if command[0] == "fail":
+                    self._die(RuntimeError(command[1]))
                     return
                 self._handle(command)
                 try:
@@ -115,10 +135,7 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # the model failed: fail every request, refuse new ones
-                self.dead_error = exc
-                for stream in self._streams.values():
-                    stream.put(EngineDeadError(f"the engine failed: {exc}"))
-                self._streams.clear()
+                self._die(exc)
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)

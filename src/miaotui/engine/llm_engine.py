@@ -65,7 +65,10 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
-        self.runner = ModelRunner(self.model, model_config, cache_config, self.max_model_len)
+        runner_cls = ModelRunner
+        if model_config.tensor_parallel_size > 1:
+            from miaotui.runner.tensor_parallel import TensorParallelRunner as runner_cls
+        self.runner = runner_cls(self.model, model_config, cache_config, self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv)
@@ -179,6 +182,10 @@ class LLMEngine:
             return
         for child in parent.children:
             self.scheduler.finish(child.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def shutdown(self) -> None:
+        """Release what outlives this object otherwise: tensor-parallel worker processes."""
+        self.runner.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is queued, running or has output not yet returned."""

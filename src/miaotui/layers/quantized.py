@@ -117,7 +117,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     for name, linear in swaps:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        is_head = name == "lm_head"
+        is_head = name.split(".")[0] == "lm_head"  # the head itself, or a tensor-parallel head's linear
         setattr(parent, attr, Int8Linear(linear.weight, linear.bias) if is_head else _quantized(linear, mode))
     if getattr(model, "tie_word_embeddings", False):
         model.quantized_head = Int8Linear(model.input_embeddings().weight, None)

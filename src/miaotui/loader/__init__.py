@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from miaotui.config import ModelConfig, env_default_model
-from miaotui.errors import ModelLoadError, ModelNotFoundError
+from miaotui.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from miaotui.layers.quantized import quantize_model
 from miaotui.loader import gguf as gguf_loader
 from miaotui.loader import safetensors as st_loader
@@ -44,13 +44,16 @@ def resolve_model(model: str | None) -> ModelSource:
     return ModelSource(path, is_gguf=False)
 
 
-def _progress(total: int, desc: str) -> tqdm:
+def _progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     # delay=1: the bar appears only for loads that take longer than a second.
-    return tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False, disable=not enabled)
 
 
-def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Module, Any]:
-    """Build the model on the meta device, stream weights into it, return (model, hf_config)."""
+def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
+               progress: bool = True) -> tuple[torch.nn.Module, Any]:
+    """Build the model on the meta device, stream weights into it, return (model, hf_config).
+    With tensor parallelism, the loaded model is then cut down to tensor-parallel rank `rank`'s
+    shard (before quantization, which then quantizes the shard)."""
     device = torch.device(config.device)
     if source.is_gguf:
         reader = gguf_loader.open_gguf(source.path)
@@ -66,7 +69,7 @@ def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Modul
     with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
         model = model_class(hf_config)(hf_config)
     sink = WeightSink(model, config.dtype, device)
-    with _progress(total, f"Loading {source.path.name}") as bar:
+    with _progress(total, f"Loading {source.path.name}", progress) as bar:
         def counted():
             for item in weights:
                 yield item
@@ -80,6 +83,12 @@ def load_model(source: ModelSource, config: ModelConfig) -> tuple[torch.nn.Modul
             model.rotary.inv_freq = model.rotary.inv_freq / factors
     model.to(device)
     model.eval()
+    if config.tensor_parallel_size > 1:
+        if not hasattr(model, "shard_for_tensor_parallel"):
+            raise UnsupportedModelError(
+                f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, SmolLM2), not "
+                f"{type(model).__name__}; use tensor_parallel_size=1")
+        model.shard_for_tensor_parallel(rank, config.tensor_parallel_size)
     quantize_model(model, config.quantization)
     return model, hf_config
 

@@ -19,6 +19,8 @@ from miaotui.errors import UnsupportedModelError
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
+from miaotui.layers.tensor_parallel import (RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+                                            column_parallel, shard_slice)
 from miaotui.models.base import CausalLMHead
 from miaotui.models.weights import WeightSink
 
@@ -125,6 +127,36 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta)
         return self.model.norm(h)
+
+    def shard_for_tensor_parallel(self, rank: int, world: int) -> None:
+        """Keep rank's shard: its query and KV heads (QKV column-parallel, O row-parallel), its
+        MLP columns (gate/up column-parallel, down row-parallel), its vocabulary rows of the
+        embedding and of the head. Head counts and the intermediate size must split evenly."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            hd = attn.head_dim
+            heads = shard_slice(attn.num_heads, rank, world, "num_attention_heads")
+            kv = shard_slice(attn.num_kv_heads, rank, world, "num_key_value_heads")
+            q_rows = slice(heads.start * hd, heads.stop * hd)
+            k_rows = slice(attn.q_size + kv.start * hd, attn.q_size + kv.stop * hd)
+            v_rows = slice(attn.q_size + attn.kv_size + kv.start * hd, attn.q_size + attn.kv_size + kv.stop * hd)
+            attn.qkv_proj = column_parallel(attn.qkv_proj, [q_rows, k_rows, v_rows])
+            attn.o_proj = RowParallelLinear(attn.o_proj, q_rows)
+            attn.num_heads //= world
+            attn.num_kv_heads //= world
+            attn.q_size //= world
+            attn.kv_size //= world
+            attn.attn.num_heads, attn.attn.num_kv_heads = attn.num_heads, attn.num_kv_heads
+            mlp = layer.mlp
+            cols = shard_slice(mlp.intermediate, rank, world, "intermediate_size")
+            up_cols = slice(mlp.intermediate + cols.start, mlp.intermediate + cols.stop)
+            mlp.gate_up_proj = column_parallel(mlp.gate_up_proj, [cols, up_cols])
+            mlp.down_proj = RowParallelLinear(mlp.down_proj, cols)
+            mlp.intermediate //= world
+        head = self.model.embed_tokens.weight.data if self.tie_word_embeddings else self.lm_head.weight.data
+        self.lm_head = VocabParallelHead(head, self.config.vocab_size, rank, world)
+        self.model.embed_tokens = VocabParallelEmbedding(self.model.embed_tokens, rank, world)
+        self.tie_word_embeddings = False  # each rank's head slice is its own parameter now
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Take Hugging Face-named tensors; fuse Q/K/V and gate/up into their shared parameters."""

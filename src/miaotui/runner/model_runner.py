@@ -204,6 +204,9 @@ class ModelRunner:
         """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
         return self.forward_inputs(self.step_inputs(sched), sched)
 
+    def shutdown(self) -> None:
+        """Nothing to release in one process (the tensor-parallel runner stops its workers)."""
+
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks src -> dst in every layer (forks: copy-on-write of a partial block)."""

@@ -2,7 +2,9 @@
 
 On SIGTERM or Ctrl-C the server stops accepting connections, lets in-flight requests finish for
 at most --graceful-shutdown seconds, stops the engine and exits 0. A model that fails to load
-stops the server with exit status 2.
+stops the server with exit status 2; an engine that dies while serving (a tensor-parallel worker
+killed, say) fails its in-flight requests with 503 and the server exits with status 1, so a
+supervisor restarts it instead of it answering 503 forever.
 """
 
 from __future__ import annotations
@@ -82,11 +84,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens)
 
-    def factory() -> AsyncLLMEngine:
-        return AsyncLLMEngine(LLMEngine(model_config, cache_config, scheduler_config))
-
     failed: list[BaseException] = []
+    died: list[BaseException] = []
     server: _Server | None = None
+
+    def on_engine_dead(exc: BaseException) -> None:
+        died.append(exc)
+        logger.error("the engine failed (%s); shutting down", exc)
+        if server is not None:
+            server.server.should_exit = True
+
+    def factory() -> AsyncLLMEngine:
+        return AsyncLLMEngine(LLMEngine(model_config, cache_config, scheduler_config), on_dead=on_engine_dead)
 
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
@@ -102,4 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if failed:
         logger.error("exiting: the model could not be loaded")
         return 2
+    if died:
+        logger.error("exiting: the engine failed")
+        return 1
     return 0
