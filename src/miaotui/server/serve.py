@@ -34,6 +34,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     p.add_argument("--graceful-shutdown", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    from miaotui.ray_serve import add_ray_args
+
+    add_ray_args(p)
 
 
 class _Server:
@@ -83,6 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_config, cache_config = model_and_cache_configs(args)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.ray:
+        from miaotui.ray_serve import run_ray_serve
+
+        return run_ray_serve(args, model_config, cache_config, scheduler_config, server_config)
 
     failed: list[BaseException] = []
     died: list[BaseException] = []
