@@ -2,9 +2,11 @@
 worker processes (torch multiprocessing, spawn) that each hold a shard and run the same steps.
 
 The scheduler, sampler and detokenizer live in the driver only. Each step the driver builds
-its StepInputs once and broadcasts them (one pickled message over torch.distributed); every
-rank runs the forward pass on them, the collectives inside the sharded layers join the pieces,
-and the driver samples from the gathered logits. Backend: gloo on the CPU, NCCL on CUDA.
+its StepInputs and broadcasts their diff against the previous step once (runner/step_diff.py:
+new tokens and appended blocks; one pickled message over torch.distributed); every rank
+rebuilds the same inputs, runs the forward pass, the collectives inside the sharded layers
+join the pieces, and the driver samples from the gathered logits. Backend: gloo on the CPU,
+NCCL on CUDA.
 
 Failure: a watcher thread waits on the workers' process sentinels; when one exits, the runner is
 marked failed, `on_failure` callbacks run (the async engine stops serving at once), and any
@@ -32,6 +34,7 @@ from torch import nn
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.runner.model_runner import ModelRunner
+from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
     _init_group(model_config, port, rank, world)
     model, _ = load_model(resolve_model(model_config.model), model_config, rank=rank, progress=False)
     runner = ModelRunner(model, model_config, cache_config, max_model_len)
+    decoder = StepDiffDecoder(cache_config.block_size)
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
     try:
         while True:
@@ -80,7 +84,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
             dist.broadcast_object_list(message, src=0)
             if message[0] is None:
                 break
-            runner.forward_inputs(message[0])
+            runner.forward_inputs(decoder.decode(message[0]))
     finally:
         dist.destroy_process_group()
 
@@ -98,6 +102,7 @@ class TensorParallelRunner(ModelRunner):
         self.failure: str | None = None
         self.on_failure: list[Callable[[str], None]] = []
         self._closed = False
+        self._diffs = StepDiffEncoder()
         port = _free_port()
         # Every rank must hold the same number of blocks: block ids are global.
         worker_cache = dataclasses.replace(cache_config, num_blocks=self.num_blocks)
@@ -129,8 +134,9 @@ class TensorParallelRunner(ModelRunner):
         if self.failure is not None:
             raise WorkerFailedError(self.failure)
         inputs = self.step_inputs(sched)
+        diff = self._diffs.encode([s.request.request_id for s in sched.seqs], inputs)
         try:
-            dist.broadcast_object_list([inputs], src=0)
+            dist.broadcast_object_list([diff], src=0)
             return self.forward_inputs(inputs, sched)
         except RuntimeError as exc:  # a collective broke: name the rank that died, if one did
             raise WorkerFailedError(self._dead_worker() or f"a tensor-parallel collective failed: {exc}") from exc
