@@ -10,6 +10,8 @@ GQA support (and its fused causal kernel for whole prompts).
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -159,6 +161,7 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.score_bias = score_bias
+        self.backend = attention_backend()
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -170,10 +173,27 @@ class PagedAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
-                                    self.score_bias)
+        if self._use_triton(q):
+            from miaotui.layers.triton_attention import write_kv
+
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = triton_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        else:
+            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                                        self.score_bias)
         return out.view(t, self.num_heads * self.head_dim)
+
+    def _use_triton(self, q: torch.Tensor) -> bool:
+        return _use_triton_for(self, q)
+
+
+def _use_triton_for(layer: PagedAttention, q: torch.Tensor) -> bool:
+    if layer.sliding_window is not None or layer.score_bias is not None:
+        return False  # the Triton kernels take neither; such layers stay on torch
+    if layer.backend == "triton":
+        return True
+    return layer.backend == "auto" and q.is_cuda and _triton_installed_cached()
 
 
 def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
@@ -212,31 +232,29 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out.reshape(batch, kv_heads, tq, group, dim).movedim(1, 2).reshape(batch, tq, heads, dim)
 
 
-def torch_paged_attention(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, sliding_window: int | None = None, score_bias: ScoreBias | None = None,
-) -> torch.Tensor:
-    """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
-    decode = meta.decode
-    if decode is None:
-        decode = build_decode_batch(meta, k_cache.shape[1])
-    out = torch.empty_like(query)
+def _decode_rows(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch,
+                 scale: float, sliding_window: int | None, score_bias: ScoreBias | None) -> torch.Tensor:
+    """All single-token sequences of the step in one SDPA call: [Bd, H, D]."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if decode.token_idx.numel():
-        bd = decode.token_idx.numel()
-        keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
-        values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
-        q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
-        mask = decode.window_mask(sliding_window)
-        if score_bias is not None:  # per query head: [KVH, G] rows match the folded queries
-            k_pos = torch.arange(mask.shape[-1], device=mask.device)
-            bias = score_bias(decode.seq_lens - 1, k_pos).to(query.dtype).movedim(0, 1)  # [Bd or 1, H, L]
-            bias = bias.reshape(bias.shape[0], kv_heads, -1, k_pos.numel())  # [Bd or 1, KVH, G, L]
-            mask = bias.masked_fill(~mask, float("-inf"))
-        o = _grouped_sdpa(q, keys, values, mask, scale)
-        out.index_copy_(0, decode.token_idx, o[:, 0])
+    bd = decode.token_idx.numel()
+    keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
+    values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
+    q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
+    mask = decode.window_mask(sliding_window)
+    if score_bias is not None:  # per query head: [KVH, G] rows match the folded queries
+        k_pos = torch.arange(mask.shape[-1], device=mask.device)
+        bias = score_bias(decode.seq_lens - 1, k_pos).to(query.dtype).movedim(0, 1)  # [Bd or 1, H, L]
+        bias = bias.reshape(bias.shape[0], kv_heads, -1, k_pos.numel())  # [Bd or 1, KVH, G, L]
+        mask = bias.masked_fill(~mask, float("-inf"))
+    return _grouped_sdpa(q, keys, values, mask, scale)[:, 0]
+
+
+def _prompt_chunks(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata, seqs: list[int], scale: float, sliding_window: int | None,
+                   score_bias: ScoreBias | None) -> None:
+    """Sequences with several new tokens, one SDPA call each, written into `out`."""
     starts = meta.query_start_loc_list
-    for i in decode.other_seqs:
+    for i in seqs:
         seq_len = meta.seq_lens_list[i]
         q_start, q_end = starts[i], starts[i + 1]
         q_len = q_end - q_start
@@ -250,4 +268,55 @@ def torch_paged_attention(
             mask = chunk_mask(q_len, seq_len, query.device, sliding_window, score_bias, query.dtype)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_end] = o[0].transpose(0, 1)
+
+
+def torch_paged_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, sliding_window: int | None = None, score_bias: ScoreBias | None = None,
+) -> torch.Tensor:
+    """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
+    decode = meta.decode
+    if decode is None:
+        decode = build_decode_batch(meta, k_cache.shape[1])
+    out = torch.empty_like(query)
+    if decode.token_idx.numel():
+        out.index_copy_(0, decode.token_idx, _decode_rows(query, k_cache, v_cache, decode, scale,
+                                                          sliding_window, score_bias))
+    _prompt_chunks(out, query, k_cache, v_cache, meta, decode.other_seqs, scale, sliding_window, score_bias)
     return out
+
+
+def triton_paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode rows through the split-K Triton kernel, prompt chunks through SDPA (flash on GPUs)."""
+    from miaotui.layers.triton_attention import paged_decode_attention
+
+    decode = meta.decode
+    if decode is None:
+        decode = build_decode_batch(meta, k_cache.shape[1])
+    out = torch.empty_like(query)
+    bd = decode.token_idx.numel()
+    if bd:
+        rows = paged_decode_attention(query.index_select(0, decode.token_idx), k_cache, v_cache,
+                                      decode.blocks.view(bd, -1), decode.seq_lens[:, 0], scale)
+        out.index_copy_(0, decode.token_idx, rows)
+    _prompt_chunks(out, query, k_cache, v_cache, meta, decode.other_seqs, scale, None, None)
+    return out
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def attention_backend() -> str:
+    """MIAOTUI_ATTENTION_BACKEND: auto (Triton on CUDA when installed, else torch), torch, triton."""
+    name = os.environ.get("MIAOTUI_ATTENTION_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"MIAOTUI_ATTENTION_BACKEND: must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_installed_cached() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
