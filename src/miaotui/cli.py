@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from miaotui.config import QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.config import LOAD_FORMATS, QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.errors import MiaotuiError
 from miaotui.outputs import RequestOutput
@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="weight-only quantization at load (CPU): int4 (groups of 32) or int8 "
                         "per channel; activations meet the weights in bf16")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="dummy: random weights for --model given as a config (smollm2-135m, llama-3.2-1b, "
+                        "llama-3.1-8b, qwen2.5-0.5b, a config.json or its folder), to measure speed")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the model over N processes (gloo on CPU, NCCL on GPUs); Llama family")
 
@@ -56,7 +59,7 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
     """The configs `_add_model_args` flags describe (validated here, before anything loads)."""
     return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         max_model_len=args.max_model_len, quantization=args.quantization,
-                        tensor_parallel_size=args.tensor_parallel_size),
+                        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format),
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory))
 
 

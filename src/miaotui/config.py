@@ -21,6 +21,9 @@ _DTYPES = {
 }
 
 
+# Where weights come from: the checkpoint, or random values for a config (loader/dummy.py).
+LOAD_FORMATS = ("auto", "dummy")
+
 # Weight-only quantization modes (layers/quantized.py): on torch's low-bit CPU kernels.
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -66,9 +69,12 @@ class ModelConfig:
     seed: int = 0
     quantization: str = "none"  # one of QUANTIZATIONS
     tensor_parallel_size: int = 1  # ranks holding a shard each (runner/tensor_parallel.py)
+    load_format: str = "auto"  # one of LOAD_FORMATS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.quantization not in QUANTIZATIONS:

@@ -15,7 +15,8 @@ from miaotui.engine.beam_group import BeamGroup
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler
 from miaotui.errors import PromptTooLongError
-from miaotui.loader import eos_token_ids, load_model, resolve_model
+from miaotui.loader import eos_token_ids, load_dummy_model, load_model, resolve_model
+from miaotui.loader.dummy import dummy_hf_config
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.runner.model_runner import ModelRunner
@@ -54,16 +55,16 @@ class LLMEngine:
         self.model_config = model_config
         cache_config = cache_config or CacheConfig()
         scheduler_config = scheduler_config or SchedulerConfig()
-        source = resolve_model(model_config.model)
-        self.model_path = str(source.path)
-        if model_config.tokenizer:
-            tok = resolve_model(model_config.tokenizer)
-            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+        if model_config.load_format == "dummy":
+            self._load_dummy(model_config)
         else:
-            self.tokenizer = load_tokenizer(str(source.path), source.is_gguf)
-        self.model, self.hf_config = load_model(source, model_config)
+            source = resolve_model(model_config.model)
+            self.model_path = str(source.path)
+            tok = resolve_model(model_config.tokenizer) if model_config.tokenizer else source
+            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+            self.model, self.hf_config = load_model(source, model_config)
+            self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
-        self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
         runner_cls = ModelRunner
         if model_config.tensor_parallel_size > 1:
@@ -77,6 +78,17 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+
+    def _load_dummy(self, model_config: ModelConfig) -> None:
+        """Random weights for a config (loader/dummy.py); the tokenizer given, else the default
+        model's (MIAOTUI_MODEL or the embedded one)."""
+        self.hf_config = dummy_hf_config(model_config.model)
+        self.model_path = str(model_config.model)
+        tok = resolve_model(model_config.tokenizer)
+        self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+        self.model = load_dummy_model(self.hf_config, model_config)
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     # --- requests in -----------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -14,6 +14,7 @@ from miaotui.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelE
 from miaotui.layers.quantized import quantize_model
 from miaotui.loader import gguf as gguf_loader
 from miaotui.loader import safetensors as st_loader
+from miaotui.loader.dummy import dummy_hf_config, fill_random
 from miaotui.loader.default_model import embedded_model_path
 from miaotui.models.registry import model_class
 from miaotui.models.weights import WeightSink
@@ -81,7 +82,28 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
         factors = gguf_loader.rope_freq_factors(reader)
         if factors is not None:
             model.rotary.inv_freq = model.rotary.inv_freq / factors
-    model.to(device)
+    return _ready(model, config, rank), hf_config
+
+
+def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torch.nn.Module:
+    """`--load-format dummy`: the model of `hf_config` with random weights (loader/dummy.py)."""
+    with torch.device("meta"):
+        model = model_class(hf_config)(hf_config)
+    fill_random(model, config.dtype, torch.device(config.device), config.seed)
+    return _ready(model, config, rank)
+
+
+def load_for_config(config: ModelConfig, rank: int = 0, progress: bool = True) -> tuple[torch.nn.Module, Any]:
+    """What a tensor-parallel worker loads: the same model as the engine, by either format."""
+    if config.load_format == "dummy":
+        hf_config = dummy_hf_config(config.model)
+        return load_dummy_model(hf_config, config, rank), hf_config
+    return load_model(resolve_model(config.model), config, rank, progress)
+
+
+def _ready(model: torch.nn.Module, config: ModelConfig, rank: int) -> torch.nn.Module:
+    """On the device, in eval mode, cut to this rank's shard, quantized as asked."""
+    model.to(torch.device(config.device))
     model.eval()
     if config.tensor_parallel_size > 1:
         if not hasattr(model, "shard_for_tensor_parallel"):
@@ -90,7 +112,7 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
                 f"{type(model).__name__}; use tensor_parallel_size=1")
         model.shard_for_tensor_parallel(rank, config.tensor_parallel_size)
     quantize_model(model, config.quantization)
-    return model, hf_config
+    return model
 
 
 def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any) -> frozenset[int]:

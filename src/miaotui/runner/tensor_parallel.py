@@ -67,14 +67,14 @@ def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> 
 
 def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, cache_config: CacheConfig,
                  max_model_len: int) -> None:
-    from miaotui.loader import load_model, resolve_model
+    from miaotui.loader import load_for_config
 
     torch.set_num_threads(_threads_per_rank(world))
     if str(model_config.device).startswith("cuda"):
         torch.cuda.set_device(rank)
         model_config = dataclasses.replace(model_config, device=f"cuda:{rank}")
     _init_group(model_config, port, rank, world)
-    model, _ = load_model(resolve_model(model_config.model), model_config, rank=rank, progress=False)
+    model, _ = load_for_config(model_config, rank=rank, progress=False)
     runner = ModelRunner(model, model_config, cache_config, max_model_len)
     decoder = StepDiffDecoder(cache_config.block_size)
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
