@@ -81,15 +81,20 @@ class MiaotuiReplica:
 def build_application(model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                       server_config: ServerConfig, num_replicas: int = 1, cpus_per_replica: float = 1.0,
                       max_ongoing_requests: int | None = None, max_queued_requests: int = 64,
-                      graceful_shutdown_s: float = 30.0) -> Any:
+                      graceful_shutdown_s: float = 30.0, gpus_per_replica: float | None = None) -> Any:
     """The Serve application (pass it to `serve.run`). `max_ongoing_requests` defaults to the
-    engine's max_num_seqs: a replica takes as many requests as it decodes at once."""
+    engine's max_num_seqs: a replica takes as many requests as it decodes at once.
+    `gpus_per_replica` defaults to the tensor-parallel size on CUDA (Ray shows an actor only the
+    GPUs it reserved), else 0."""
+    if gpus_per_replica is None:
+        on_cuda = str(model_config.device).startswith("cuda")
+        gpus_per_replica = float(model_config.tensor_parallel_size) if on_cuda else 0.0
     serve = _require_ray()
     from ray.serve.config import BackpressureConfig
 
     deployment = serve.deployment(serve.ingress()(MiaotuiReplica), name="miaotui").options(
         num_replicas=num_replicas,
-        ray_actor_options={"num_cpus": cpus_per_replica},
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         max_ongoing_requests=max_ongoing_requests or scheduler_config.max_num_seqs,
         max_queued_requests=max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
@@ -115,6 +120,7 @@ def run_ray_serve(args: argparse.Namespace, model_config: ModelConfig, cache_con
     serve = _require_ray()
     import ray
 
+    external = bool(os.environ.get("RAY_ADDRESS"))
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_application(model_config, cache_config, scheduler_config, server_config,
@@ -134,7 +140,8 @@ def run_ray_serve(args: argparse.Namespace, model_config: ModelConfig, cache_con
     # the proxies and the controller stopped (serve.shutdown alone can stop a proxy while a
     # drained replica's last response is still on its way through it).
     serve.delete("miaotui", _blocking=True)
-    serve.shutdown()
+    if not external:  # a cluster we joined keeps its Serve instance (other apps may run there)
+        serve.shutdown()
     ray.shutdown()
     return 0
 

@@ -77,3 +77,20 @@ def test_unsupported_models_and_shapes_are_named(tmp_path, embedded_gguf):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(str(odd), tokenizer=embedded_gguf, num_kv_blocks=64, tensor_parallel_size=0)
     assert torch.distributed.is_available()
+
+
+def test_idle_longer_than_the_collective_timeout_is_fine(tmp_path, embedded_gguf, monkeypatch):
+    """Step messages travel by pipe: an engine idle for longer than the collective timeout still
+    runs its next step (the timeout bounds only work inside a step)."""
+    monkeypatch.setenv("MIAOTUI_TP_TIMEOUT_S", "3")
+    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=128, tensor_parallel_size=2)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        first = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
+        time.sleep(5)
+        again = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
+        assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
+    assert not llm.engine.runner.workers[0].is_alive()  # shut down cleanly

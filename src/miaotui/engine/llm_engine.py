@@ -144,7 +144,8 @@ class LLMEngine:
         if not self.is_encoder_decoder:
             return None, ids, cache_salt
         digest = hashlib.sha256(repr(ids).encode()).hexdigest()
-        return EncoderState(ids), [self.model.decoder_start_token_id()], f"{cache_salt}|encoder:{digest}"
+        # repr: the user's salt None and the string "None" must stay different salts.
+        return EncoderState(ids), [self.model.decoder_start_token_id()], f"{cache_salt!r}|encoder:{digest}"
 
     def prompt_room(self, prompt_len: int) -> int:
         """How many tokens a prompt of prompt_len leaves for output in the context window (the
@@ -232,6 +233,8 @@ class LLMEngine:
             results.append(self._snapshot(parent_id, parent))
             if parent.finished:
                 del self._parents[parent_id]
+        if not self.scheduler.has_unfinished():
+            self.runner.release_step_cache()  # e.g. the last batch's stacked encoder K/V
         return results
 
     def _advance_beam_groups(self, beam_logprobs: dict[str, torch.Tensor]) -> list[RequestOutput]:

@@ -1,4 +1,4 @@
-"""Tensor-parallel building blocks (Megatron-style) over torch.distributed's default group.
+"""Tensor-parallel building blocks (Megatron-style) over torch.distributed.
 
 A loaded model is sharded in place (`shard_for_tensor_parallel` of the model class): each rank
 keeps a slice of every weight and the collectives below put the pieces together.
@@ -18,6 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+_GROUP = None  # the step group (runner/tensor_parallel.py sets it); None = the default group
+
+
+def set_tensor_parallel_group(group) -> None:
+    global _GROUP
+    _GROUP = group
 
 
 def shard_slice(size: int, rank: int, world: int, what: str) -> slice:
@@ -53,7 +61,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=_GROUP)
         return y if self.bias is None else y + self.bias
 
 
@@ -70,13 +78,14 @@ class VocabParallelEmbedding(nn.Module):
         full = _padded_rows(embedding.weight.data, world)
         part = full.shape[0] // world
         self.start, self.end = rank * part, (rank + 1) * part
-        self.weight = nn.Parameter(full[self.start:self.end].contiguous(), requires_grad=False)
+        # clone: a row slice is already contiguous, and .contiguous() would keep the whole table alive
+        self.weight = nn.Parameter(full[self.start:self.end].clone(), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.end)
         local = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
         local = local.masked_fill(outside[..., None], 0.0)
-        dist.all_reduce(local)
+        dist.all_reduce(local, group=_GROUP)
         return local
 
 
@@ -89,10 +98,10 @@ class VocabParallelHead(nn.Module):
         part = full.shape[0] // world
         self.vocab_size, self.world = vocab_size, world
         self.linear = nn.Linear(full.shape[1], part, bias=False, device=weight.device, dtype=weight.dtype)
-        self.linear.weight = nn.Parameter(full[rank * part:(rank + 1) * part].contiguous(), requires_grad=False)
+        self.linear.weight = nn.Parameter(full[rank * part:(rank + 1) * part].clone(), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.linear(hidden).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local)
+        dist.all_gather(parts, local, group=_GROUP)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]

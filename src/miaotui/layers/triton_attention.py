@@ -29,7 +29,7 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      kv_heads: tl.constexpr, head_dim: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
     head = tl.program_id(1)
-    slot = tl.load(slot_ptr + token)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     mask = d < head_dim
     src = (token * kv_heads + head) * head_dim + d
@@ -71,7 +71,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
         logical = first + i
         start = logical * block_size
         if start < seq_len:
-            block = tl.load(tables_ptr + seq * max_blocks + logical)
+            block = tl.load(tables_ptr + seq * max_blocks + logical).to(tl.int64)  # offsets pass 2^31 in big caches
             pos = start + offs
             valid = pos < seq_len
             rows = ((block * block_size + offs) * kv_heads + kv_head) * head_dim

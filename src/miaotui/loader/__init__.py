@@ -55,7 +55,9 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
     """Build the model on the meta device, stream weights into it, return (model, hf_config).
     With tensor parallelism, the loaded model is then cut down to tensor-parallel rank `rank`'s
     shard (before quantization, which then quantizes the shard)."""
-    device = torch.device(config.device)
+    # Tensor parallel: the whole model is read on the CPU and only this rank's shard moves to the
+    # device, so no GPU ever holds the full model.
+    device = torch.device("cpu" if config.tensor_parallel_size > 1 else config.device)
     if source.is_gguf:
         reader = gguf_loader.open_gguf(source.path)
         hf_config = gguf_loader.gguf_hf_config(reader, source.path)
@@ -89,7 +91,8 @@ def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torc
     """`--load-format dummy`: the model of `hf_config` with random weights (loader/dummy.py)."""
     with torch.device("meta"):
         model = model_class(hf_config)(hf_config)
-    fill_random(model, config.dtype, torch.device(config.device), config.seed)
+    fill_random(model, config.dtype, torch.device("cpu" if config.tensor_parallel_size > 1 else config.device),
+                config.seed)
     return _ready(model, config, rank)
 
 
@@ -102,15 +105,18 @@ def load_for_config(config: ModelConfig, rank: int = 0, progress: bool = True) -
 
 
 def _ready(model: torch.nn.Module, config: ModelConfig, rank: int) -> torch.nn.Module:
-    """On the device, in eval mode, cut to this rank's shard, quantized as asked."""
-    model.to(torch.device(config.device))
-    model.eval()
+    """Cut to this rank's shard, on the device, in eval mode, quantized as asked."""
+    if getattr(model, "is_encoder_decoder", False) and config.dtype is torch.float16:
+        # T5 v1.1 / flan / mT5 activations overflow fp16 (transformers clamps them to survive).
+        raise UnsupportedModelError("T5 models do not run in float16 (activations overflow); use float32 or bfloat16")
     if config.tensor_parallel_size > 1:
         if not hasattr(model, "shard_for_tensor_parallel"):
             raise UnsupportedModelError(
                 f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, SmolLM2), not "
                 f"{type(model).__name__}; use tensor_parallel_size=1")
         model.shard_for_tensor_parallel(rank, config.tensor_parallel_size)
+    model.to(torch.device(config.device))
+    model.eval()
     quantize_model(model, config.quantization)
     return model
 

@@ -204,6 +204,10 @@ class ModelRunner:
         """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
         return self.forward_inputs(self.step_inputs(sched), sched)
 
+    def release_step_cache(self) -> None:
+        """Drop what is kept from one step to the next (the stacked encoder K/V of T5 batches)."""
+        self._cross_stack = None
+
     def shutdown(self) -> None:
         """Nothing to release in one process (the tensor-parallel runner stops its workers)."""
 

@@ -2,11 +2,13 @@
 worker processes (torch multiprocessing, spawn) that each hold a shard and run the same steps.
 
 The scheduler, sampler and detokenizer live in the driver only. Each step the driver builds
-its StepInputs and broadcasts their diff against the previous step once (runner/step_diff.py:
-new tokens and appended blocks; one pickled message over torch.distributed); every rank
-rebuilds the same inputs, runs the forward pass, the collectives inside the sharded layers
-join the pieces, and the driver samples from the gathered logits. Backend: gloo on the CPU,
-NCCL on CUDA.
+its StepInputs and sends their diff against the previous step (runner/step_diff.py: new tokens
+and appended blocks), pickled once, down one pipe per worker; every rank rebuilds the same
+inputs and runs the forward pass, the collectives inside the sharded layers (torch.distributed:
+gloo on the CPU, NCCL on CUDA) join the pieces, and the driver samples from the gathered logits.
+Step messages travel by pipe, not by a collective, so an idle server waits on nothing that can
+time out: the collective timeout only bounds work inside a step. A worker whose driver is gone
+sees its pipe close and exits.
 
 Failure: a watcher thread waits on the workers' process sentinels; when one exits, the runner is
 marked failed, `on_failure` callbacks run (the async engine stops serving at once), and any
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import socket
 import threading
 import time
@@ -33,13 +36,20 @@ from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
+from miaotui.layers.tensor_parallel import set_tensor_parallel_group
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
 
 logger = logging.getLogger(__name__)
 
-# A step on a small CPU can take seconds; a collective waiting this long means a rank is gone.
-_TIMEOUT = timedelta(seconds=300)
+# A step on a small CPU can take seconds; a collective inside a step waiting this long means a
+# rank is gone. MIAOTUI_TP_TIMEOUT_S overrides it. Start-up (spawning, importing, loading the
+# model) has its own, longer bound.
+def _timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("MIAOTUI_TP_TIMEOUT_S", "300")))
+
+
+_STARTUP_TIMEOUT = timedelta(minutes=30)
 
 
 class WorkerFailedError(RuntimeError):
@@ -61,18 +71,29 @@ def _threads_per_rank(world: int) -> int:
 
 
 def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> None:
+    """The default group (rendezvous and the start-up barrier) and the step group the sharded
+    layers use, with the step timeout."""
     dist.init_process_group(_backend(model_config.device), init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=_TIMEOUT)
+                            rank=rank, world_size=world, timeout=_STARTUP_TIMEOUT)
+    set_tensor_parallel_group(dist.new_group(list(range(world)), timeout=_timeout()))
+
+
+def _rank_device(model_config: ModelConfig, rank: int) -> ModelConfig:
+    """CUDA: rank r runs on the driver's device index + r (one GPU per rank)."""
+    device = torch.device(model_config.device)
+    if device.type != "cuda":
+        return model_config
+    index = (device.index or 0) + rank
+    torch.cuda.set_device(index)
+    return dataclasses.replace(model_config, device=f"cuda:{index}")
 
 
 def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int) -> None:
+                 max_model_len: int, steps) -> None:
     from miaotui.loader import load_for_config
 
     torch.set_num_threads(_threads_per_rank(world))
-    if str(model_config.device).startswith("cuda"):
-        torch.cuda.set_device(rank)
-        model_config = dataclasses.replace(model_config, device=f"cuda:{rank}")
+    model_config = _rank_device(model_config, rank)
     _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
     runner = ModelRunner(model, model_config, cache_config, max_model_len)
@@ -80,11 +101,13 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
     try:
         while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0)
-            if message[0] is None:
+            try:
+                message = pickle.loads(steps.recv_bytes())
+            except EOFError:
+                break  # the driver is gone
+            if message is None:
                 break
-            runner.forward_inputs(decoder.decode(message[0]))
+            runner.forward_inputs(decoder.decode(message))
     finally:
         dist.destroy_process_group()
 
@@ -97,27 +120,47 @@ class TensorParallelRunner(ModelRunner):
         world = model_config.tensor_parallel_size
         if not str(model_config.device).startswith("cuda"):
             torch.set_num_threads(_threads_per_rank(world))  # the cores are shared by all ranks
+        _rank_device(model_config, 0)
         super().__init__(model, model_config, cache_config, max_model_len)
         self.world = world
         self.failure: str | None = None
         self.on_failure: list[Callable[[str], None]] = []
         self._closed = False
+        self._in_step = False
         self._diffs = StepDiffEncoder()
         port = _free_port()
         # Every rank must hold the same number of blocks: block ids are global.
         worker_cache = dataclasses.replace(cache_config, num_blocks=self.num_blocks)
         ctx = mp.get_context("spawn")
-        self.workers = [ctx.Process(target=_worker_main, name=f"miaotui-tp-rank{rank}", daemon=True,
-                                    args=(rank, world, port, model_config, worker_cache, max_model_len))
-                        for rank in range(1, world)]
+        self.workers, self._pipes = [], []
+        for rank in range(1, world):
+            receive, send = ctx.Pipe(duplex=False)
+            self.workers.append(ctx.Process(target=_worker_main, name=f"miaotui-tp-rank{rank}", daemon=True,
+                                            args=(rank, world, port, model_config, worker_cache, max_model_len,
+                                                  receive)))
+            self._pipes.append(send)
         for proc in self.workers:
             proc.start()
-        _init_group(model_config, port, 0, world)
-        dist.barrier()
+        self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_workers, self.workers)
+        try:
+            _init_group(model_config, port, 0, world)
+            self._wait_loaded()
+        except BaseException:
+            self._finalizer()
+            raise
         logger.info("tensor parallel: %d ranks (%s), %d threads each", world, _backend(model_config.device),
                     _threads_per_rank(world))
         threading.Thread(target=self._watch, name="miaotui-tp-watch", daemon=True).start()
-        self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_workers, self.workers)
+
+    def _wait_loaded(self) -> None:
+        """The start-up barrier, polled, so a worker that dies while loading fails the start."""
+        work = dist.barrier(async_op=True)
+        while not work.is_completed():
+            dead = self._dead_worker(wait_s=0)
+            if dead is not None:
+                raise WorkerFailedError(f"{dead} while loading the model")
+            time.sleep(0.05)
+        work.wait()
 
     def _watch(self) -> None:
         ready = wait([p.sentinel for p in self.workers])
@@ -134,12 +177,17 @@ class TensorParallelRunner(ModelRunner):
         if self.failure is not None:
             raise WorkerFailedError(self.failure)
         inputs = self.step_inputs(sched)
-        diff = self._diffs.encode([s.request.request_id for s in sched.seqs], inputs)
+        message = pickle.dumps(self._diffs.encode([s.request.request_id for s in sched.seqs], inputs))
+        self._in_step = True
         try:
-            dist.broadcast_object_list([diff], src=0)
+            for pipe in self._pipes:
+                pipe.send_bytes(message)
             return self.forward_inputs(inputs, sched)
-        except RuntimeError as exc:  # a collective broke: name the rank that died, if one did
-            raise WorkerFailedError(self._dead_worker() or f"a tensor-parallel collective failed: {exc}") from exc
+        except (RuntimeError, OSError) as exc:  # a pipe or a collective broke: name the rank that died
+            self.failure = self._dead_worker() or f"a tensor-parallel step failed: {exc}"
+            raise WorkerFailedError(self.failure) from exc
+        finally:
+            self._in_step = False
 
     def _dead_worker(self, wait_s: float = 2.0) -> str | None:
         deadline = time.monotonic() + wait_s
@@ -152,19 +200,22 @@ class TensorParallelRunner(ModelRunner):
             time.sleep(0.05)
 
     def shutdown(self) -> None:
-        """Stop the workers (they leave their loop on a None message) and the process group."""
+        """Stop the workers: a None message ends their loop; workers that cannot get it (a step
+        is still running, or the ranks are out of step after a failure) are terminated."""
         if self._closed:
             return
         self._closed = True
-        if self.failure is None:
-            try:
-                dist.broadcast_object_list([None], src=0)
-            except RuntimeError:
-                pass  # a rank is already gone
-        for proc in self.workers:
-            proc.join(timeout=10)
+        if self.failure is None and not self._in_step:
+            for pipe in self._pipes:
+                try:
+                    pipe.send_bytes(pickle.dumps(None))
+                except OSError:
+                    pass  # that worker is already gone
+            for proc in self.workers:
+                proc.join(timeout=10)
         self._finalizer()
-        if dist.is_initialized():
+        if dist.is_initialized() and not self._in_step:
+            set_tensor_parallel_group(None)
             dist.destroy_process_group()
 
     @staticmethod
