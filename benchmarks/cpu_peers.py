@@ -1,0 +1,186 @@
+"""CPU peers, same GGUF, same prompts, same run: miaotui (fp32 and int4) vs llama.cpp
+(llama-cpp-python) vs transformers, 2 threads each.
+
+    python benchmarks/cpu_peers.py [--threads 2] [--sides miaotui,miaotui-int4,llama.cpp,transformers]
+
+Each side runs in its own child process (its own peak RSS), one after the other, on the
+embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
+  cold start   process start -> first generated token of a 16-token prompt (imports, load,
+               tokenizer, first forward);
+  pp512        512-token prompt -> 1 token, tokens/s, best of 3;
+  decode       batch 1, 128 tokens after a 16-token prompt, minus that prompt's own time;
+  16 x 128     16 requests of 128 tokens in / 128 out at once, output tokens/s (llama-cpp-python's
+               API has no parallel slots: it runs them one after the other);
+  peak RSS     of the child process.
+EOS is banned for every side so all produce exactly the asked number of tokens. llama.cpp runs
+from `.bench-venv` (made by benchmarks/serve_vs_peers.py), never from the package's own venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("miaotui", "miaotui-int4", "llama.cpp", "transformers")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _report(work: dict, run_short, run_prefill, run_decode, run_batch) -> None:
+    """The measurements every side shares, given its four ways to generate."""
+    out = {}
+    out["pp512_tok_s"] = 512 / _timed(lambda: run_prefill(work["long"]), 3)
+    short = _timed(lambda: run_short(work["short"]), 3)
+    out["decode_tok_s"] = 127 / (_timed(lambda: run_decode(work["short"]), 2) - short)
+    out["batch_out_tok_s"] = 16 * 128 / _timed(lambda: run_batch(work["batch"]))
+    out["peak_rss_mib"] = _rss_mib()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def side_miaotui(work: dict, threads: int, quantization: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from miaotui import LLM, SamplingParams
+
+    # No prefix cache: repeated timing runs of one prompt must compute it again, as the peers do.
+    llm = LLM(quantization=quantization, max_num_seqs=16, enable_prefix_caching=False)
+    greedy = dict(temperature=0, ignore_eos=True)
+    llm.generate({"prompt_token_ids": work["short"]}, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+    print("FIRST_TOKEN", flush=True)
+
+    def gen(prompts, n):
+        llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=n, **greedy), use_tqdm=False)
+
+    _report(work, lambda p: gen([p], 1), lambda p: gen([p], 1), lambda p: gen([p], 128), lambda b: gen(b, 128))
+
+
+def side_transformers(work: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(work["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+
+    def gen(prompts, n):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+
+    gen([work["short"]], 1)
+    print("FIRST_TOKEN", flush=True)
+    _report(work, lambda p: gen([p], 1), lambda p: gen([p], 1), lambda p: gen([p], 128), lambda b: gen(b, 128))
+
+
+def side_llama_cpp(work: dict, threads: int) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=work["gguf"], n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    ban = {t: -1e9 for t in work["special_ids"]}
+
+    def gen(prompt, n):
+        llm.reset()  # no reuse of the previous prompt's KV: every side computes every prompt
+        llm.create_completion(prompt=prompt, max_tokens=n, temperature=0.0, logit_bias=ban)
+
+    gen(work["short"], 1)
+    print("FIRST_TOKEN", flush=True)
+    _report(work, lambda p: gen(p, 1), lambda p: gen(p, 1), lambda p: gen(p, 128),
+            lambda batch: [gen(p, 128) for p in batch])
+
+
+def _run_side(name: str, work_file: str, threads: int) -> dict:
+    python = str(ROOT / ".bench-venv" / "bin" / "python") if name == "llama.cpp" else sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, __file__, "--side", name, "--work", work_file, "--threads", str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    result: dict = {}
+    for line in proc.stdout:
+        if line.startswith("FIRST_TOKEN"):
+            result["cold_start_s"] = time.perf_counter() - start
+            print(f"{name}: first token after {result['cold_start_s']:.2f} s; measuring ...", file=sys.stderr)
+        elif line.startswith("RESULT "):
+            result.update(json.loads(line[7:]))
+    if proc.wait() != 0 or "pp512_tok_s" not in result:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode})")
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        work = json.loads(Path(args.work).read_text())
+        {"miaotui": lambda: side_miaotui(work, args.threads, "none"),
+         "miaotui-int4": lambda: side_miaotui(work, args.threads, "int4"),
+         "llama.cpp": lambda: side_llama_cpp(work, args.threads),
+         "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
+        return 0
+
+    from miaotui.bench.throughput import make_prompts
+    from miaotui.loader.default_model import embedded_model_path
+    from miaotui.tokenizer import load_tokenizer
+
+    gguf = embedded_model_path()
+    tok = load_tokenizer(gguf, True)
+    work = {"gguf": gguf, "short": make_prompts(tok, 1, 16, seed=1)[0], "long": make_prompts(tok, 1, 512, seed=2)[0],
+            "batch": make_prompts(tok, 16, 128, seed=3), "special_ids": sorted(set(tok.all_special_ids))}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(work, f)
+    results = {}
+    for name in [s for s in args.sides.split(",") if s]:
+        try:
+            results[name] = _run_side(name, f.name, args.threads)
+        except RuntimeError as exc:
+            print(f"{name}: skipped ({exc})", file=sys.stderr)
+    os.unlink(f.name)
+    names = list(results)
+    rows = [("cold start to first token (s)", "cold_start_s", False), ("pp512 (tok/s)", "pp512_tok_s", True),
+            ("batch-1 decode, 128 tokens (tok/s)", "decode_tok_s", True),
+            ("16 x 128 in / 128 out (output tok/s)", "batch_out_tok_s", True), ("peak RSS (MiB)", "peak_rss_mib", False)]
+    print("\n| | " + " | ".join(names) + " |" + "".join(f" {n} / llama.cpp |" for n in names if n.startswith("miaotui")))
+    print("|---" * (1 + len(names) + sum(n.startswith("miaotui") for n in names)) + "|")
+    for label, key, higher in rows:
+        cells = [f"{results[n][key]:,.2f}" if key == "cold_start_s" else f"{results[n][key]:,.1f}" for n in names]
+        ratios = []
+        if "llama.cpp" in results:
+            ref = results["llama.cpp"][key]
+            for n in names:
+                if n.startswith("miaotui"):
+                    value = results[n][key]
+                    ratios.append(f"{(value / ref if higher else ref / value):.2f}x")
+        print(f"| {label} | " + " | ".join(cells) + " |" + "".join(f" {r} |" for r in ratios))
+    print("\n(ratios: higher is better for miaotui; for cold start and RSS they are llama.cpp / miaotui)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
