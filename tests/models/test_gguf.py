@@ -169,3 +169,24 @@ def test_bloom_gguf_gives_the_checkpoints_logits(tmp_path):
     model, cfg = _ours(path)
     assert cfg.architectures == ["BloomForCausalLM"] and cfg.n_head == 6
     assert_prompt_logits_match(model, path, hf_model, 13)
+
+
+def test_second_load_reads_the_cached_index_with_the_same_weights(tiny_gguf, tmp_path, monkeypatch):
+    """After the first read, the metadata and tensor table come from a cached index (no full
+    GGUFReader parse); the weights and config are identical, and a changed file is read anew."""
+    import os
+
+    from miaotui.loader.gguf import open_gguf
+    from miaotui.loader.gguf_index import GGUFIndex
+
+    monkeypatch.setenv("MIAOTUI_CACHE_DIR", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    assert not isinstance(open_gguf(path), GGUFIndex)  # first read: the gguf package's reader
+    assert isinstance(open_gguf(path), GGUFIndex)
+    (m1, c1), (m2, c2) = _ours(path), _ours(path)
+    assert c1.to_dict() == c2.to_dict()
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # "changed": key differs
+    assert not isinstance(open_gguf(path), GGUFIndex)

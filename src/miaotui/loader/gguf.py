@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from miaotui.errors import ModelLoadError, UnsupportedModelError
+from miaotui.loader.gguf_index import load_index, save_index
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
@@ -83,16 +84,22 @@ ROPE_FREQS = "rope_freqs.weight"  # llama3 per-dimension frequency divisors
 
 
 def open_gguf(path: Path) -> Any:
+    """A GGUFReader, or on later starts the cached index of the same file (loader/gguf_index.py)."""
     import gguf
 
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    index = load_index(path)
+    if index is not None:
+        return index
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad data
         raise ModelLoadError(f"{path} is truncated or corrupt: {exc}") from exc
+    save_index(path, reader)
+    return reader
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
