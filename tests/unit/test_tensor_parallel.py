@@ -32,6 +32,7 @@ def test_tp2_matches_one_process(arch, overrides, tmp_path, embedded_gguf):
         assert len(tp.engine.runner.workers) == 1 and tp.engine.runner.workers[0].is_alive()
         attn = tp.engine.model.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (2, 1)  # this rank holds half the heads
+        assert attn.o_proj.group is not None  # collectives run on the step group (its own timeout)
         sharded = tp.generate(prompts, params, use_tqdm=False)
         sampled = tp.generate(prompts[0], SamplingParams(temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)
     finally:

@@ -87,8 +87,7 @@ class LLMEngine:
         tok = resolve_model(model_config.tokenizer)
         self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
         self.model = load_dummy_model(self.hf_config, model_config)
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.eos_token_ids = eos_token_ids(None, self.hf_config, self.tokenizer)
 
     # --- requests in -----------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -185,15 +185,11 @@ class PagedAttention(nn.Module):
         return out.view(t, self.num_heads * self.head_dim)
 
     def _use_triton(self, q: torch.Tensor) -> bool:
-        return _use_triton_for(self, q)
-
-
-def _use_triton_for(layer: PagedAttention, q: torch.Tensor) -> bool:
-    if layer.sliding_window is not None or layer.score_bias is not None:
-        return False  # the Triton kernels take neither; such layers stay on torch
-    if layer.backend == "triton":
-        return True
-    return layer.backend == "auto" and q.is_cuda and _triton_installed_cached()
+        if self.sliding_window is not None or self.score_bias is not None:
+            return False  # the Triton kernels take neither; such layers stay on torch
+        if self.backend == "triton":
+            return True
+        return self.backend == "auto" and q.is_cuda and _triton_installed()
 
 
 def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
@@ -316,7 +312,7 @@ def attention_backend() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_installed_cached() -> bool:
+def _triton_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

@@ -20,12 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-_GROUP = None  # the step group (runner/tensor_parallel.py sets it); None = the default group
+class _Collective(nn.Module):
+    """A sharded layer's process group: the runner binds its step group once at start-up
+    (`bind_group`), as it binds the KV cache; None means the default group."""
+
+    group = None
 
 
-def set_tensor_parallel_group(group) -> None:
-    global _GROUP
-    _GROUP = group
+def bind_group(model: nn.Module, group) -> None:
+    for module in model.modules():
+        if isinstance(module, _Collective):
+            module.group = group
 
 
 def shard_slice(size: int, rank: int, world: int, what: str) -> slice:
@@ -48,7 +53,7 @@ def column_parallel(linear: nn.Linear, row_slices: list[slice]) -> nn.Linear:
     return out
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Collective):
     """y = all_reduce(x_shard @ W_shard^T) + b, for x sharded along its last dimension."""
 
     def __init__(self, linear: nn.Linear, column_slice: slice) -> None:
@@ -61,7 +66,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
-        dist.all_reduce(y, group=_GROUP)
+        dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -72,7 +77,7 @@ def _padded_rows(weight: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_Collective):
     def __init__(self, embedding: nn.Embedding, rank: int, world: int) -> None:
         super().__init__()
         full = _padded_rows(embedding.weight.data, world)
@@ -85,11 +90,11 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.start) | (ids >= self.end)
         local = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
         local = local.masked_fill(outside[..., None], 0.0)
-        dist.all_reduce(local, group=_GROUP)
+        dist.all_reduce(local, group=self.group)
         return local
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_Collective):
     """Logits over the whole vocabulary from each rank's slice of the head weight."""
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, rank: int, world: int) -> None:
@@ -103,5 +108,5 @@ class VocabParallelHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.linear(hidden).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local, group=_GROUP)
+        dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]

@@ -121,8 +121,9 @@ def _ready(model: torch.nn.Module, config: ModelConfig, rank: int) -> torch.nn.M
     return model
 
 
-def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any) -> frozenset[int]:
-    """EOS ids from generation_config.json and config.json; the tokenizer's as a fallback."""
+def eos_token_ids(source: ModelSource | None, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json and config.json; the tokenizer's as a fallback.
+    `source` None: a model with no files (dummy weights), so config.json's ids only."""
     ids: set[int] = set()
 
     def add(value: Any) -> None:
@@ -132,7 +133,7 @@ def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any) -> frozen
             ids.update(v for v in value if isinstance(v, int))
 
     add(getattr(hf_config, "eos_token_id", None))
-    if not source.is_gguf and (source.path / "generation_config.json").is_file():
+    if source is not None and not source.is_gguf and (source.path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
         try:

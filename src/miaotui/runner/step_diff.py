@@ -49,13 +49,9 @@ class StepDiffEncoder:
             table = inputs.block_tables[i]
             old = self._sent.get(key)
             q0, q1 = inputs.query_start[i], inputs.query_start[i + 1]
-            if old is not None and len(old) <= len(table) and table[: len(old)] == old:
-                change = SeqDiff(key, inputs.positions[q0], inputs.input_ids[q0:q1], q1 - 1 in sample_rows,
-                                 None, table[len(old):])
-            else:
-                change = SeqDiff(key, inputs.positions[q0], inputs.input_ids[q0:q1], q1 - 1 in sample_rows,
-                                 list(table), [])
-            diff.seqs.append(change)
+            grown = old is not None and len(old) <= len(table) and table[: len(old)] == old
+            diff.seqs.append(SeqDiff(key, inputs.positions[q0], inputs.input_ids[q0:q1], q1 - 1 in sample_rows,
+                                     None if grown else list(table), table[len(old):] if grown else []))
             sent[key] = list(table)
         self._sent = sent  # unscheduled sequences are forgotten (the decoder does the same)
         return diff

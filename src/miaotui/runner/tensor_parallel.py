@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import wait
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
-from miaotui.layers.tensor_parallel import set_tensor_parallel_group
+from miaotui.layers.tensor_parallel import bind_group
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
 
@@ -70,12 +71,12 @@ def _threads_per_rank(world: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // world)
 
 
-def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> None:
-    """The default group (rendezvous and the start-up barrier) and the step group the sharded
-    layers use, with the step timeout."""
+def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> Any:
+    """The default group (rendezvous and the start-up barrier); returns the step group the
+    sharded layers use, with the step timeout."""
     dist.init_process_group(_backend(model_config.device), init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=_STARTUP_TIMEOUT)
-    set_tensor_parallel_group(dist.new_group(list(range(world)), timeout=_timeout()))
+    return dist.new_group(list(range(world)), timeout=_timeout())
 
 
 def _rank_device(model_config: ModelConfig, rank: int) -> ModelConfig:
@@ -94,8 +95,9 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
 
     torch.set_num_threads(_threads_per_rank(world))
     model_config = _rank_device(model_config, rank)
-    _init_group(model_config, port, rank, world)
+    step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
+    bind_group(model, step_group)
     runner = ModelRunner(model, model_config, cache_config, max_model_len)
     decoder = StepDiffDecoder(cache_config.block_size)
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
@@ -143,7 +145,7 @@ class TensorParallelRunner(ModelRunner):
             proc.start()
         self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_workers, self.workers)
         try:
-            _init_group(model_config, port, 0, world)
+            bind_group(model, _init_group(model_config, port, 0, world))
             self._wait_loaded()
         except BaseException:
             self._finalizer()
@@ -215,7 +217,6 @@ class TensorParallelRunner(ModelRunner):
                 proc.join(timeout=10)
         self._finalizer()
         if dist.is_initialized() and not self._in_step:
-            set_tensor_parallel_group(None)
             dist.destroy_process_group()
 
     @staticmethod
