@@ -106,7 +106,7 @@ def embedded_llm(embedded_gguf):
     """miaotui on the embedded default model (loaded once per test session)."""
     from miaotui import LLM
 
-    return LLM()
+    return LLM(quantization="none")  # the dense fp32 reference path
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: a share of free memory)")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="weight-only quantization at load (CPU): int4 (groups of 32) or int8 "
-                        "per channel; activations meet the weights in bf16")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="weight-only quantization (CPU): int4 (groups of 32) or int8 per channel, "
+                        "activations meeting the weights in bf16; none: dense --dtype weights (the "
+                        "reference); auto (default): a quantized GGUF stays quantized (its 4-bit "
+                        "blocks kept as they are), anything else loads dense")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="dummy: random weights for --model given as a config (smollm2-135m, llama-3.2-1b, "
                         "llama-3.1-8b, qwen2.5-0.5b, a config.json or its folder), to measure speed")

@@ -24,8 +24,10 @@ _DTYPES = {
 # Where weights come from: the checkpoint, or random values for a config (loader/dummy.py).
 LOAD_FORMATS = ("auto", "dummy")
 
-# Weight-only quantization modes (layers/quantized.py): on torch's low-bit CPU kernels.
-QUANTIZATIONS = ("none", "int8", "int4")
+# Weight-only quantization modes (layers/quantized.py): on torch's low-bit CPU kernels. "auto":
+# a quantized GGUF file on the CPU stays quantized (int4 where it has 4-bit blocks, int8 for its
+# other quantized matrices); anything else loads dense (see loader.resolve_quantization).
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -67,7 +69,7 @@ class ModelConfig:
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
-    quantization: str = "none"  # one of QUANTIZATIONS
+    quantization: str = "auto"  # one of QUANTIZATIONS
     tensor_parallel_size: int = 1  # ranks holding a shard each (runner/tensor_parallel.py)
     load_format: str = "auto"  # one of LOAD_FORMATS
 
@@ -79,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization != "none" and not str(self.device).startswith("cpu"):
+        if self.quantization not in ("none", "auto") and not str(self.device).startswith("cpu"):
             raise ValueError(f"quantization: {self.quantization} runs on the CPU only, not on {self.device}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")

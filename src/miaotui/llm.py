@@ -48,7 +48,7 @@ class LLM:
                  seed: int = 0, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory_gib: float | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 quantization: str = "none", tensor_parallel_size: int = 1, load_format: str = "auto") -> None:
+                 quantization: str = "auto", tensor_parallel_size: int = 1, load_format: str = "auto") -> None:
         self.engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                         max_model_len=max_model_len, seed=seed, quantization=quantization,

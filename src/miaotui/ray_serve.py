@@ -162,7 +162,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ValueError("miaotui app_builder: args.model (a model folder or .gguf path on every node) is required")
     model_config = ModelConfig(model=args["model"], tokenizer=args.get("tokenizer"),
                                dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len"),
-                               quantization=args.get("quantization", "none"))
+                               quantization=args.get("quantization", "auto"))
     cache_config = CacheConfig(kv_cache_memory_gib=args.get("kv_cache_memory_gib"))
     scheduler_config = SchedulerConfig(max_num_seqs=int(args.get("max_num_seqs", 64)),
                                        max_num_batched_tokens=int(args.get("max_num_batched_tokens", 2048)))

@@ -42,7 +42,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def _ours(path):
-    return load_model(resolve_model(str(path)), ModelConfig(model=str(path)))
+    return load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization="none"))
 
 
 def assert_prompt_logits_match(model, path, reference, num_tokens: int) -> None:

@@ -74,8 +74,9 @@ def serve(tmp_path: Path, *args: str, load_timeout: float = 180):
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory, embedded_gguf):
     """`miaotui serve` on the embedded model, shared by the openai-client and load tests."""
+    # Dense fp32 weights: the tests compare its text with transformers' on the same file.
     with serve(tmp_path_factory.mktemp("embedded_server"), "--kv-cache-memory", "0.5",
-               "--max-num-seqs", "64") as server:
+               "--max-num-seqs", "64", "--quantization", "none") as server:
         yield server
 
 

@@ -100,7 +100,7 @@ def test_quantized_embedded_model_stays_close_to_fp32(mode, max_kl, embedded_ggu
     from miaotui.tokenizer import chat_prompt_ids
     ids = chat_prompt_ids(embedded_tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     source = resolve_model(embedded_gguf)
-    ref_model, _ = load_model(source, ModelConfig(model=embedded_gguf))
+    ref_model, _ = load_model(source, ModelConfig(model=embedded_gguf, quantization="none"))
     q_model, _ = load_model(source, ModelConfig(model=embedded_gguf, quantization=mode))
     ref = forward_all_logits(ref_model, ids).log_softmax(-1)
     got = forward_all_logits(q_model, ids).log_softmax(-1)

@@ -14,16 +14,23 @@ model keeps its dtype. The head (logits) is quantized to int8, never int4: it de
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from miaotui.config import QUANTIZATIONS
 
 logger = logging.getLogger("miaotui")
 
 INT4_GROUP = 32
 _ACT_DTYPE = torch.bfloat16
+# The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
+# overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+_INT4_MM = _INT4_MM.default if _INT4_MM is not None else None
+_PACK_INT4 = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT8_MM = _INT8_MM.default if _INT8_MM is not None else None
 
 
 def quantization_supported(mode: str) -> bool:
@@ -68,58 +75,102 @@ class Int8Linear(_WeightOnlyLinear):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
+        return _INT8_MM(x2d, self.qweight, self.scales)
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    """A 4-bit weight before packing: w[n, k] = (codes[n, k] - 8) * scale[n, g] + zero[n, g] with
+    g = k // INT4_GROUP. Made by `quantize_int4` from a dense weight, or by the GGUF loader straight
+    from a file's Q4_0 / Q4_1 / Q4_K blocks (which are exactly of this form: no requantization)."""
+
+    codes: torch.Tensor  # uint8 [N, K], values 0..15
+    scale: torch.Tensor  # float32 [N, K / INT4_GROUP]
+    zero: torch.Tensor  # float32 [N, K / INT4_GROUP]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> Int4Weight:
+        return cls(torch.empty(n, k, dtype=torch.uint8), torch.empty(n, k // INT4_GROUP),
+                   torch.empty(n, k // INT4_GROUP))
+
+    def rows(self, start: int, length: int) -> Int4Weight:
+        """A view of rows [start, start + length) (writable: fused QKV / gate-up are filled by it)."""
+        return Int4Weight(*(t.narrow(0, start, length) for t in (self.codes, self.scale, self.zero)))
+
+    def copy_(self, other: Int4Weight) -> None:
+        for mine, theirs in zip((self.codes, self.scale, self.zero), (other.codes, other.scale, other.zero)):
+            mine.copy_(theirs)
+
+    def permute_rows(self, order: torch.Tensor) -> Int4Weight:
+        return Int4Weight(self.codes[order], self.scale[order], self.zero[order])
+
+    def dequantized(self) -> torch.Tensor:
+        expand = lambda t: t.repeat_interleave(INT4_GROUP, 1)  # noqa: E731
+        return (self.codes.float() - 8) * expand(self.scale) + expand(self.zero)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Weight:
+    """Round a dense [N, K] weight to 4 bits per group of `group_size`, asymmetric (min..max)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
+    groups = w.reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    # Scales and zeros are stored in bf16: round them first, then pick q against the rounded
+    # values, so the stored (q, scale, zero) reproduce w as closely as bf16 allows.
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(_ACT_DTYPE).float()
+    zero = (lo + 8 * scale).to(_ACT_DTYPE).float()
+    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    return Int4Weight(q.reshape(n, k).to(torch.uint8), scale, zero)
 
 
 class Int4Linear(_WeightOnlyLinear):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = INT4_GROUP) -> None:
+    """Packed 4-bit weight; scales and zeros are stored in bf16, the dtype the kernel reads."""
+
+    def __init__(self, weight: Int4Weight | torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(bias)
-        w = weight.detach().float()
-        n, k = w.shape
-        if k % group_size:
-            raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
-        groups = w.reshape(n, k // group_size, group_size)
-        lo, hi = groups.amin(-1), groups.amax(-1)
-        # Scales and zeros are stored in bf16: round them first, then pick q against the rounded
-        # values, so the stored (q, scale, zero) reproduce w as closely as bf16 allows.
-        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(_ACT_DTYPE).float()
-        zero = (lo + 8 * scale).to(_ACT_DTYPE).float()
-        q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
-        self.out_features, self.in_features, self.group_size = n, k, group_size
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1))
+        if isinstance(weight, torch.Tensor):
+            weight = quantize_int4(weight)
+        n, k = weight.shape
+        self.out_features, self.in_features, self.group_size = n, k, INT4_GROUP
+        self.register_buffer("qweight", _PACK_INT4(weight.codes.to(torch.int32), 1))
         # [k / group, n, 2]: the layout the kernel reads.
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(_ACT_DTYPE))
+        self.register_buffer("scales_and_zeros", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
+                             .to(_ACT_DTYPE).contiguous())
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, self.scales_and_zeros)
-
-
-def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
-    if mode == "int4" and linear.in_features % INT4_GROUP == 0:
-        return Int4Linear(linear.weight, linear.bias)
-    return Int8Linear(linear.weight, linear.bias)
+        return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Swap every nn.Linear of a loaded CPU model for its `mode` twin; the head goes to int8.
+def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = frozenset()) -> nn.Module:
+    """Swap every nn.Linear of a loaded CPU model for its `mode` twin; the head and the modules
+    named in `int8_modules` (weights a file stores with more than 4 bits) go to int8. Layers that
+    arrived already 4-bit (Int4Linear from the loader) stay as they are.
 
     A tied head keeps the embedding table for lookups and gets its own int8 copy for logits."""
     if mode == "none":
         return model
-    if mode not in QUANTIZATIONS:
-        raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {mode!r}")
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quantization: must be none, int8 or int4 once resolved, got {mode!r}")
     if not quantization_supported(mode):
         raise ValueError(f"quantization: {mode} needs torch's low-bit CPU kernels, which torch "
                          f"{torch.__version__} lacks")
+    native = sum(isinstance(module, Int4Linear) for module in model.modules())
     swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, linear in swaps:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         is_head = name.split(".")[0] == "lm_head"  # the head itself, or a tensor-parallel head's linear
-        setattr(parent, attr, Int8Linear(linear.weight, linear.bias) if is_head else _quantized(linear, mode))
+        int4 = mode == "int4" and not is_head and name not in int8_modules and linear.in_features % INT4_GROUP == 0
+        setattr(parent, attr, Int4Linear(linear.weight, linear.bias) if int4 else Int8Linear(linear.weight, linear.bias))
     if getattr(model, "tie_word_embeddings", False):
         model.quantized_head = Int8Linear(model.input_embeddings().weight, None)
-    logger.info("quantized %d linear layers to %s (head: int8)", len(swaps), mode)
+    logger.info("quantized %d linear layers to %s (head: int8)%s", len(swaps), mode,
+                f"; {native} kept 4-bit from the file" if native else "")
     return model

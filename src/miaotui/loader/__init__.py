@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from miaotui.config import ModelConfig, env_default_model
 from miaotui.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
-from miaotui.layers.quantized import quantize_model
+from miaotui.layers.quantized import quantization_supported, quantize_model
 from miaotui.loader import gguf as gguf_loader
 from miaotui.loader import safetensors as st_loader
 from miaotui.loader.dummy import dummy_hf_config, fill_random
@@ -58,13 +58,20 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
     # Tensor parallel: the whole model is read on the CPU and only this rank's shard moves to the
     # device, so no GPU ever holds the full model.
     device = torch.device("cpu" if config.tensor_parallel_size > 1 else config.device)
+    lossy: set[str] = set()  # checkpoint matrices stored with more than 4 bits
     if source.is_gguf:
         reader = gguf_loader.open_gguf(source.path)
         hf_config = gguf_loader.gguf_hf_config(reader, source.path)
         gguf_loader.check_quant_types(reader, source.path)
+        mode = resolve_quantization(config, reader)
         total = len(reader.tensors)
-        weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path)
+        # 4-bit blocks stay 4-bit; a tensor-parallel shard is cut from dense weights instead.
+        weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path,
+                                                int4=mode == "int4" and config.tensor_parallel_size == 1)
+        if mode == "int4":
+            lossy = gguf_loader.lossy_linear_names(reader, source.path)
     else:
+        mode = resolve_quantization(config, None)
         hf_config = st_loader.read_hf_config(source.path)
         files = st_loader.safetensors_files(source.path)
         total = st_loader.count_tensors(files)
@@ -84,7 +91,24 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
         factors = gguf_loader.rope_freq_factors(reader)
         if factors is not None:
             model.rotary.inv_freq = model.rotary.inv_freq / factors
-    return _ready(model, config, rank), hf_config
+    int8_modules = frozenset(name.rpartition(".")[0] for name, sources in sink.sources.items() if sources & lossy)
+    return _ready(model, config, rank, mode, int8_modules), hf_config
+
+
+def resolve_quantization(config: ModelConfig, gguf_reader: Any) -> str:
+    """The weight format to run: the configured one, or for "auto" the file's own — a GGUF with
+    4-bit blocks runs int4, one with only other quantized matrices int8, on the CPU and unsharded;
+    everything else (Hugging Face checkpoints, float GGUFs, GPUs) dense."""
+    if config.quantization != "auto":
+        return config.quantization
+    if gguf_reader is None or config.tensor_parallel_size > 1 or not str(config.device).startswith("cpu"):
+        return "none"
+    kinds = {t.tensor_type.name for t in gguf_reader.tensors if len(t.shape) == 2}
+    if kinds & set(gguf_loader.INT4_TYPES) and quantization_supported("int4"):
+        return "int4"
+    if kinds - {"F32", "F16", "BF16"} and quantization_supported("int8"):
+        return "int8"
+    return "none"
 
 
 def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torch.nn.Module:
@@ -93,7 +117,7 @@ def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torc
         model = model_class(hf_config)(hf_config)
     fill_random(model, config.dtype, torch.device("cpu" if config.tensor_parallel_size > 1 else config.device),
                 config.seed)
-    return _ready(model, config, rank)
+    return _ready(model, config, rank, resolve_quantization(config, None))
 
 
 def load_for_config(config: ModelConfig, rank: int = 0, progress: bool = True) -> tuple[torch.nn.Module, Any]:
@@ -104,8 +128,9 @@ def load_for_config(config: ModelConfig, rank: int = 0, progress: bool = True) -
     return load_model(resolve_model(config.model), config, rank, progress)
 
 
-def _ready(model: torch.nn.Module, config: ModelConfig, rank: int) -> torch.nn.Module:
-    """Cut to this rank's shard, on the device, in eval mode, quantized as asked."""
+def _ready(model: torch.nn.Module, config: ModelConfig, rank: int, quantization: str,
+           int8_modules: frozenset[str] = frozenset()) -> torch.nn.Module:
+    """Cut to this rank's shard, on the device, in eval mode, quantized as resolved."""
     if getattr(model, "is_encoder_decoder", False) and config.dtype is torch.float16:
         # T5 v1.1 / flan / mT5 activations overflow fp16 (transformers clamps them to survive).
         raise UnsupportedModelError("T5 models do not run in float16 (activations overflow); use float32 or bfloat16")
@@ -117,7 +142,7 @@ def _ready(model: torch.nn.Module, config: ModelConfig, rank: int) -> torch.nn.M
         model.shard_for_tensor_parallel(rank, config.tensor_parallel_size)
     model.to(torch.device(config.device))
     model.eval()
-    quantize_model(model, config.quantization)
+    quantize_model(model, quantization, int8_modules)
     return model
 
 

@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp's format) via the `gguf` package: config, tensor names, dequantization.
 
-Weights are dequantized to the compute dtype at load. llama.cpp's converter permutes the rows
+Weights are dequantized to the compute dtype at load, except 4-bit blocks loaded for the int4
+path, which keep their codes (loader/gguf_quant.py). llama.cpp's converter permutes the rows
 of Q and K for its rotary layout ("llama" architecture only); we undo that so one model
 implementation serves both sources. For "gpt2" it stores the Conv1D projections transposed
 ([out, in]); they are handed on in Hugging Face's [in, out] layout (a view), like a checkpoint.
@@ -18,7 +19,9 @@ import numpy as np
 import torch
 
 from miaotui.errors import ModelLoadError, UnsupportedModelError
+from miaotui.layers.quantized import Int4Weight
 from miaotui.loader.gguf_index import load_index, save_index
+from miaotui.loader.gguf_quant import INT4_TYPES, unpack_int4
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
@@ -208,23 +211,61 @@ def dequantize(tensor: Any) -> np.ndarray:
     return data.reshape(shape)
 
 
-def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype."""
+def hf_tensor_name(name: str, arch: str, path: Path) -> str:
+    """The Hugging Face name of GGUF tensor `name` (not rope_freqs, which is no parameter)."""
+    global_names, layer_names, layer_prefix = _NAME_MAPS.get(arch, (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
+    if name in global_names:
+        return global_names[name]
+    match = _LAYER.match(name)
+    if not match or match.group(2) not in layer_names:
+        raise ModelLoadError(f"{path}: unknown GGUF tensor {name!r}")
+    return f"{layer_prefix}.{match.group(1)}.{layer_names[match.group(2)]}"
+
+
+def keeps_int4(arch: str) -> bool:
+    """Whether this architecture's 4-bit tensors can stay 4-bit (rows as the model wants them, no
+    transpose): the Llama family. GPT-2 and BLOOM weights are dequantized."""
+    return arch in ("llama", "qwen2")
+
+
+def lossy_linear_names(reader: Any, path: Path) -> set[str]:
+    """Hugging Face names of layer matrices stored in a quantized format other than 4-bit blocks
+    (Q8_0, Q5_K, Q6_K): quantizing those to int4 would lose bits the file has, so they go int8."""
+    arch = _field(reader, "general.architecture")
+    return {hf_tensor_name(t.name, arch, path) for t in reader.tensors
+            if t.name.startswith("blk.") and len(t.shape) == 2
+            and t.tensor_type.name not in ("F32", "F16", "BF16", *INT4_TYPES)}
+
+
+def _row_order(rows: int, n_head: int) -> torch.Tensor:
+    return torch.from_numpy(_unpermute(np.arange(rows)[:, None], n_head).reshape(-1))
+
+
+def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
+                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype. With `int4`
+    (and an architecture that `keeps_int4`), layer matrices stored as Q4_0 / Q4_1 / Q4_K come as
+    Int4Weight instead: the file's own codes, never dequantized (loader/gguf_quant.py)."""
     arch = _field(reader, "general.architecture")
     permute = arch == "llama"
     gpt2 = arch == "gpt2"
-    global_names, layer_names, layer_prefix = _NAME_MAPS.get(arch, (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
+    int4 = int4 and keeps_int4(arch)
     for tensor in reader.tensors:
         name = tensor.name
         if name == ROPE_FREQS:
             continue
-        if name in global_names:
-            hf_name = global_names[name]
-        else:
-            match = _LAYER.match(name)
-            if not match or match.group(2) not in layer_names:
-                raise ModelLoadError(f"{path}: unknown GGUF tensor {name!r}")
-            hf_name = f"{layer_prefix}.{match.group(1)}.{layer_names[match.group(2)]}"
+        hf_name = hf_tensor_name(name, arch, path)
+        if int4 and name.startswith("blk.") and tensor.tensor_type.name in INT4_TYPES:
+            try:
+                packed = unpack_int4(tensor)
+            except (ValueError, IndexError) as exc:
+                raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
+            if permute and ".q_proj." in hf_name:
+                packed = packed.permute_rows(_row_order(packed.shape[0], hf_config.num_attention_heads))
+            elif permute and ".k_proj." in hf_name:
+                packed = packed.permute_rows(_row_order(packed.shape[0], hf_config.num_key_value_heads))
+            yield hf_name, packed
+            continue
         try:
             array = dequantize(tensor)
         except (ValueError, IndexError) as exc:

@@ -1,0 +1,61 @@
+"""GGUF 4-bit blocks kept 4-bit: Q4_0, Q4_1 and Q4_K repacked into the int4 kernel's form.
+
+All three store groups of 32 weights as w = a * q + b with q in 0..15, which is the int4 layer's
+w = (q - 8) * scale + zero with scale = a and zero = b + 8a (layers/quantized.py: Int4Weight):
+- Q4_0 (18-byte blocks): fp16 d, 16 bytes of nibbles; w = d * (q - 8) -> scale d, zero 0.
+- Q4_1 (20-byte blocks): fp16 d, fp16 m, 16 bytes of nibbles; w = d * q + m -> scale d, zero m + 8d.
+- Q4_K (144-byte super-blocks of 256): fp16 d and dmin, 8 six-bit (sc, m) pairs, 128 bytes of
+  nibbles; sub-block j: w = d * sc_j * q - dmin * m_j -> scale d * sc_j, zero 8 d sc_j - dmin m_j.
+The codes move over unchanged; only the scale and zero are later rounded to bf16 for the kernel.
+Nibble order: in Q4_0/Q4_1 byte i holds weights i (low) and i + 16 (high) of its block; in Q4_K
+each 32-byte run holds a 64-weight chunk, low nibbles first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from miaotui.layers.quantized import INT4_GROUP, Int4Weight
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] codes: low nibbles then high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def unpack_int4(tensor: Any) -> Int4Weight:
+    """The Int4Weight of a GGUF Q4_0 / Q4_1 / Q4_K matrix [N, K] (rows as the file stores them)."""
+    from gguf.quants import Q4_K
+
+    kind = tensor.tensor_type.name
+    n, k = (int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, -1)
+    if kind == "Q4_K":
+        blocks = raw.reshape(n, k // 256, 144)
+        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [n, k/256, 1]
+        dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+        scale = d * sc.reshape(n, k // 256, 8).astype(np.float32)
+        zero = 8 * scale - dmin * m.reshape(n, k // 256, 8).astype(np.float32)
+        runs = blocks[..., 16:].reshape(n, k // 256, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        codes = runs & 0x0F  # [n, k/256, 4 chunks, 2 halves, 32] = sub-blocks in order
+    elif kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        blocks = raw.reshape(n, k // INT4_GROUP, size)
+        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+        if kind == "Q4_0":
+            scale, zero = d, np.zeros_like(d)
+        else:
+            m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+            scale, zero = d, m + 8 * d
+        codes = _nibbles(blocks[..., size - 16:])
+    else:
+        raise ValueError(f"{tensor.name}: GGUF type {kind} is not a 4-bit block format ({', '.join(INT4_TYPES)})")
+    return Int4Weight(torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k)),
+                      torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, k // INT4_GROUP)),
+                      torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(n, k // INT4_GROUP)))

@@ -1,0 +1,125 @@
+"""GGUF 4-bit blocks kept 4-bit: the repacked codes reproduce the file's weights exactly, the int4
+kernel multiplies them within a stated bound of an fp32 matmul, and a quantized GGUF loads with
+its Q4 matrices native (no dequantize + requantize) and its other quantized matrices in int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from miaotui.config import ModelConfig
+from miaotui.layers.quantized import Int4Linear, Int4Weight, Int8Linear, quantization_supported
+from miaotui.loader import load_model, resolve_model
+from miaotui.loader.gguf_quant import unpack_int4
+from tests.conftest import make_tiny_checkpoint
+from tests.gguf_writer import write_llama_gguf
+
+pytestmark = pytest.mark.skipif(not quantization_supported("int4"), reason="this torch lacks the int4 CPU kernel")
+
+
+class _Tensor:  # the fields of a GGUF reader tensor that unpack_int4 reads
+    def __init__(self, data: np.ndarray, kind: GGMLQuantizationType, n: int, k: int) -> None:
+        self.data, self.tensor_type, self.shape, self.name = data, kind, [k, n], "blk.0.test.weight"
+
+
+def _random_q4_k(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K super-blocks (the gguf package cannot quantize to Q4_K): any bytes are valid
+    codes and 6-bit scales; d and dmin are set to ordinary fp16 values."""
+    raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    raw[..., 0:2] = np.full((n, k // 256, 1), 0.004, np.float16).view(np.uint8)
+    raw[..., 2:4] = np.full((n, k // 256, 1), 0.002, np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_unpacked_codes_reproduce_the_files_weights_exactly(kind):
+    rng = np.random.default_rng(0)
+    n, k = 48, 512
+    qtype = GGMLQuantizationType[kind]
+    if kind == "Q4_K":
+        data = _random_q4_k(n, k, rng)
+    else:
+        data = quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    expected = quants.dequantize(data, qtype).reshape(n, k)
+    weight = unpack_int4(_Tensor(data, qtype, n, k))
+    assert weight.codes.dtype == torch.uint8 and int(weight.codes.max()) <= 15
+    # Both sides compute d * q + m in fp32 from the same fp16 fields: equal to the last bit.
+    np.testing.assert_array_equal(weight.dequantized().numpy(), expected)
+
+
+def test_unpack_rejects_other_formats():
+    data = quants.quantize(np.zeros((4, 32), np.float32), GGMLQuantizationType.Q8_0)
+    with pytest.raises(ValueError, match="Q8_0 is not a 4-bit block format"):
+        unpack_int4(_Tensor(data, GGMLQuantizationType.Q8_0, 4, 32))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_kernel_matches_the_fp32_matmul_of_the_files_weights(kind):
+    """The kernel meets bf16 activations with bf16 scales and zeros and rounds its output to bf16.
+    Each rounding is at most 2^-9 relative (8-bit significand, round to nearest), so per output
+    |y - x W^T| <= 2^-9 * (|x| |W|^T + |x| (8 |scale| + |zero|)^T + |y|) with fp32 accumulation
+    adding nothing measurable; the test allows 1.5x that."""
+    rng = np.random.default_rng(1)
+    n, k = 96, 512
+    qtype = GGMLQuantizationType[kind]
+    data = _random_q4_k(n, k, rng) if kind == "Q4_K" else quants.quantize(
+        (rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    weight = unpack_int4(_Tensor(data, qtype, n, k))
+    w = weight.dequantized()
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(2))
+    ref = x @ w.t()
+    out = Int4Linear(weight, None)(x)
+    spread = lambda t: t.repeat_interleave(32, 1)  # noqa: E731
+    grid = (8 * spread(weight.scale).abs() + spread(weight.zero).abs())
+    bound = 2**-9 * (x.abs() @ w.abs().t() + x.abs() @ grid.t() + ref.abs())
+    err = (out - ref).abs()
+    assert (err <= 1.5 * bound + 1e-6).all(), f"worst excess {(err - 1.5 * bound).max():.3g}"
+    assert err.max() > 0  # the bf16 path really ran (an fp32 path would be exact here)
+
+
+def _quant_types(name: str) -> str:
+    if "norm" in name:
+        return "F32"
+    if name == "token_embd.weight" or name == "blk.1.ffn_down.weight":
+        return "Q8_0"
+    if name == "output.weight":
+        return "F16"
+    return "Q4_0" if ".attn_" in name else "Q4_1"
+
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf_int4")
+    # hidden 64, intermediate 128: every matrix's input width is a multiple of the 32-wide group.
+    _, hf_model = make_tiny_checkpoint(folder / "hf", "llama", tie_word_embeddings=False)
+    return write_llama_gguf(folder / "tiny.gguf", hf_model, _quant_types)
+
+
+def test_auto_keeps_q4_blocks_native_and_other_quantized_matrices_int8(quantized_gguf):
+    path = str(quantized_gguf)
+    model, _ = load_model(resolve_model(path), ModelConfig(model=path))  # quantization="auto"
+    dense, _ = load_model(resolve_model(path), ModelConfig(model=path, quantization="none"))
+    layer0 = model.model.layers[0]
+    assert isinstance(layer0.self_attn.qkv_proj, Int4Linear) and isinstance(layer0.mlp.down_proj, Int4Linear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear)  # Q8_0 in the file: not cut to 4 bits
+    assert isinstance(model.lm_head, Int8Linear)  # the head is never int4
+    # Native: the kernel's weights are the file's values (up to the bf16 rounding of scale and
+    # zero), not a requantization of them, which would move weights by up to half a 4-bit step.
+    eye = torch.eye(64, dtype=torch.bfloat16)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
+        layer = layer0.get_submodule(name)
+        kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.qweight, 32, layer.scales_and_zeros)
+        file_w = dense.model.layers[0].get_submodule(name).weight
+        sz = layer.scales_and_zeros.float()  # [groups, n, 2]
+        grid = (8 * sz[..., 0].abs() + sz[..., 1].abs()).t().repeat_interleave(32, 1)
+        assert ((kernel_w.float().t() - file_w).abs() <= 2**-8 * (grid + file_w.abs()) + 1e-7).all(), name
+
+
+def test_int4_weight_rows_fill_a_fused_layer():
+    whole = Int4Weight.empty(6, 64)
+    part = Int4Weight(torch.full((2, 64), 3, dtype=torch.uint8), torch.ones(2, 2), torch.zeros(2, 2))
+    whole.rows(2, 2).copy_(part)
+    assert (whole.codes[2:4] == 3).all() and (whole.scale[2:4] == 1).all()
+    assert whole.rows(0, 6).shape == (6, 64)
