@@ -235,7 +235,8 @@ def _decode_rows(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bd = decode.token_idx.numel()
     keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
     values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
-    q = query.index_select(0, decode.token_idx)[:, None]  # [Bd, 1, H, D]; keys [Bd, L, KVH, D]
+    # [Bd, 1, H, D]; keys [Bd, L, KVH, D]. A pure decode step's rows are the whole batch in order.
+    q = (query if bd == query.shape[0] else query.index_select(0, decode.token_idx))[:, None]
     mask = decode.window_mask(sliding_window)
     if score_bias is not None:  # per query head: [KVH, G] rows match the folded queries
         k_pos = torch.arange(mask.shape[-1], device=mask.device)
@@ -274,6 +275,8 @@ def torch_paged_attention(
     decode = meta.decode
     if decode is None:
         decode = build_decode_batch(meta, k_cache.shape[1])
+    if decode.token_idx.numel() == query.shape[0]:  # every row a decode, rows 0..T-1 in order
+        return _decode_rows(query, k_cache, v_cache, decode, scale, sliding_window, score_bias)
     out = torch.empty_like(query)
     if decode.token_idx.numel():
         out.index_copy_(0, decode.token_idx, _decode_rows(query, k_cache, v_cache, decode, scale,

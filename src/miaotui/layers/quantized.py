@@ -55,9 +55,12 @@ class _WeightOnlyLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._matmul(x.reshape(-1, shape[-1]).to(_ACT_DTYPE))
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if x.dim() == 2:  # the models' flat [T, K] batches: no reshapes around the kernel
+            y = self._matmul(x.to(_ACT_DTYPE)).to(x.dtype)
+        else:
+            shape = x.shape
+            y = self._matmul(x.reshape(-1, shape[-1]).to(_ACT_DTYPE))
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

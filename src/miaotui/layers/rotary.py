@@ -68,14 +68,18 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] for the given positions, computed in fp32 like the reference."""
+        """Tables for `apply_rotary` at the given positions, computed in fp32 like the reference:
+        cos [T, 1, head_dim] and sin [T, 1, head_dim] with its first half negated (the sign of
+        rotate_half folded in once per step instead of once per layer)."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        half = freqs.shape[-1]
+        sin = emb.sin() * self.scaling
+        sin[:, :half].neg_()
+        return (emb.cos() * self.scaling).to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by cos/sin [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by the tables of `RotaryEmbedding.cos_sin`:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x, half) * (-1, +1)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

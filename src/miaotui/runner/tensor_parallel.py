@@ -40,6 +40,7 @@ from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.tensor_parallel import bind_group
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
+from miaotui.runner.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def _backend(device: str) -> str:
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
-def _threads_per_rank(world: int) -> int:
-    return max(1, len(os.sched_getaffinity(0)) // world)
 
 
 def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> Any:
@@ -93,7 +92,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
                  max_model_len: int, steps) -> None:
     from miaotui.loader import load_for_config
 
-    torch.set_num_threads(_threads_per_rank(world))
+    configure_threads(model_config.threads, world)  # the cores are shared by all ranks
     model_config = _rank_device(model_config, rank)
     step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
@@ -121,7 +120,7 @@ class TensorParallelRunner(ModelRunner):
                  max_model_len: int) -> None:
         world = model_config.tensor_parallel_size
         if not str(model_config.device).startswith("cuda"):
-            torch.set_num_threads(_threads_per_rank(world))  # the cores are shared by all ranks
+            configure_threads(model_config.threads, world)  # the cores are shared by all ranks
         _rank_device(model_config, 0)
         super().__init__(model, model_config, cache_config, max_model_len)
         self.world = world
@@ -151,7 +150,7 @@ class TensorParallelRunner(ModelRunner):
             self._finalizer()
             raise
         logger.info("tensor parallel: %d ranks (%s), %d threads each", world, _backend(model_config.device),
-                    _threads_per_rank(world))
+                    configure_threads(model_config.threads, world))
         threading.Thread(target=self._watch, name="miaotui-tp-watch", daemon=True).start()
 
     def _wait_loaded(self) -> None:
