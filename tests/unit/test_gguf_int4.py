@@ -10,7 +10,8 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from miaotui.config import ModelConfig
-from miaotui.layers.quantized import Int4Linear, Int4Weight, Int8Linear, quantization_supported
+from miaotui.layers.packed import Int4Weight, Int8GroupWeight
+from miaotui.layers.quantized import Int4Linear, Int8Linear, PackedEmbedding, quantization_supported
 from miaotui.loader import load_model, resolve_model
 from miaotui.loader.gguf_quant import unpack_int4
 from tests.conftest import make_tiny_checkpoint
@@ -105,6 +106,10 @@ def test_auto_keeps_q4_blocks_native_and_other_quantized_matrices_int8(quantized
     assert isinstance(layer0.self_attn.qkv_proj, Int4Linear) and isinstance(layer0.mlp.down_proj, Int4Linear)
     assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear)  # Q8_0 in the file: not cut to 4 bits
     assert isinstance(model.lm_head, Int8Linear)  # the head is never int4
+    # The Q8_0 embedding table stays Q8_0; a lookup gives exactly the dense table's rows.
+    assert isinstance(model.model.embed_tokens, PackedEmbedding)
+    ids = torch.tensor([[0, 5, 255], [17, 17, 3]])
+    assert torch.equal(model.model.embed_tokens(ids), dense.model.embed_tokens(ids))
     # Native: the kernel's weights are the file's values (up to the bf16 rounding of scale and
     # zero), not a requantization of them, which would move weights by up to half a 4-bit step.
     eye = torch.eye(64, dtype=torch.bfloat16)
@@ -115,6 +120,15 @@ def test_auto_keeps_q4_blocks_native_and_other_quantized_matrices_int8(quantized
         sz = layer.scales_and_zeros.float()  # [groups, n, 2]
         grid = (8 * sz[..., 0].abs() + sz[..., 1].abs()).t().repeat_interleave(32, 1)
         assert ((kernel_w.float().t() - file_w).abs() <= 2**-8 * (grid + file_w.abs()) + 1e-7).all(), name
+
+
+def test_tied_head_from_a_packed_table_is_its_int8_requantization():
+    """The tied head of a packed embedding is built block by block from the exact table."""
+    weight = Int8GroupWeight(torch.randint(-127, 128, (5000, 64), dtype=torch.int8), torch.rand(5000, 2) * 0.01)
+    table = PackedEmbedding(weight, torch.float32)
+    head, reference = Int8Linear(table, None), Int8Linear(weight.dequantized(), None)
+    assert torch.equal(head.qweight, reference.qweight) and torch.equal(head.scales, reference.scales)
+    assert torch.equal(table(torch.arange(5000)), weight.dequantized())
 
 
 def test_int4_weight_rows_fill_a_fused_layer():

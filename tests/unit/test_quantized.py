@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from miaotui.layers.quantized import INT4_GROUP, Int4Linear, Int8Linear, quantization_supported, quantize_model
+from miaotui.layers.packed import INT4_GROUP
+from miaotui.layers.quantized import Int4Linear, Int8Linear, quantization_supported, quantize_model
 
 pytestmark = pytest.mark.skipif(not (quantization_supported("int4") and quantization_supported("int8")),
                                 reason="this torch lacks the low-bit CPU kernels")

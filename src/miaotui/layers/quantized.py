@@ -14,15 +14,15 @@ model keeps its dtype. The head (logits) is quantized to int8, never int4: it de
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from miaotui.layers.packed import INT4_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
+
 
 logger = logging.getLogger("miaotui")
 
-INT4_GROUP = 32
 _ACT_DTYPE = torch.bfloat16
 # The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
 # overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
@@ -65,71 +65,30 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Per-row int8 weight. Built from a dense [N, K] weight or from a PackedEmbedding (a tied
+    head), a block of rows at a time so a large vocabulary never needs several full fp32 copies."""
+
+    _ROWS_PER_BLOCK = 4096
+
+    def __init__(self, weight: torch.Tensor | PackedEmbedding, bias: torch.Tensor | None) -> None:
         super().__init__(bias)
-        w = weight.detach().float()
-        # Scales are stored in bf16: round first, then quantize against the rounded scale.
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(_ACT_DTYPE).float()
-        self.out_features, self.in_features = w.shape
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(_ACT_DTYPE))
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("qweight", torch.empty(self.out_features, self.in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=_ACT_DTYPE))
+        for start in range(0, self.out_features, self._ROWS_PER_BLOCK):
+            stop = min(start + self._ROWS_PER_BLOCK, self.out_features)
+            w = (weight[start:stop] if isinstance(weight, torch.Tensor) else weight.rows_dequantized(start, stop))
+            w = w.detach().float()
+            # Scales are stored in bf16: round first, then quantize against the rounded scale.
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(_ACT_DTYPE)
+            self.qweight[start:stop] = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            self.scales[start:stop] = scale
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT8_MM(x2d, self.qweight, self.scales)
-
-
-@dataclass(slots=True)
-class Int4Weight:
-    """A 4-bit weight before packing: w[n, k] = (codes[n, k] - 8) * scale[n, g] + zero[n, g] with
-    g = k // INT4_GROUP. Made by `quantize_int4` from a dense weight, or by the GGUF loader straight
-    from a file's Q4_0 / Q4_1 / Q4_K blocks (which are exactly of this form: no requantization)."""
-
-    codes: torch.Tensor  # uint8 [N, K], values 0..15
-    scale: torch.Tensor  # float32 [N, K / INT4_GROUP]
-    zero: torch.Tensor  # float32 [N, K / INT4_GROUP]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @classmethod
-    def empty(cls, n: int, k: int) -> Int4Weight:
-        return cls(torch.empty(n, k, dtype=torch.uint8), torch.empty(n, k // INT4_GROUP),
-                   torch.empty(n, k // INT4_GROUP))
-
-    def rows(self, start: int, length: int) -> Int4Weight:
-        """A view of rows [start, start + length) (writable: fused QKV / gate-up are filled by it)."""
-        return Int4Weight(*(t.narrow(0, start, length) for t in (self.codes, self.scale, self.zero)))
-
-    def copy_(self, other: Int4Weight) -> None:
-        for mine, theirs in zip((self.codes, self.scale, self.zero), (other.codes, other.scale, other.zero)):
-            mine.copy_(theirs)
-
-    def permute_rows(self, order: torch.Tensor) -> Int4Weight:
-        return Int4Weight(self.codes[order], self.scale[order], self.zero[order])
-
-    def dequantized(self) -> torch.Tensor:
-        expand = lambda t: t.repeat_interleave(INT4_GROUP, 1)  # noqa: E731
-        return (self.codes.float() - 8) * expand(self.scale) + expand(self.zero)
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Weight:
-    """Round a dense [N, K] weight to 4 bits per group of `group_size`, asymmetric (min..max)."""
-    w = weight.detach().float()
-    n, k = w.shape
-    if k % group_size:
-        raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
-    groups = w.reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    # Scales and zeros are stored in bf16: round them first, then pick q against the rounded
-    # values, so the stored (q, scale, zero) reproduce w as closely as bf16 allows.
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(_ACT_DTYPE).float()
-    zero = (lo + 8 * scale).to(_ACT_DTYPE).float()
-    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-    return Int4Weight(q.reshape(n, k).to(torch.uint8), scale, zero)
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -148,6 +107,30 @@ class Int4Linear(_WeightOnlyLinear):
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table kept as a quantized file stores it (Q8_0, or 4-bit groups): a lookup
+    dequantizes only the rows it reads, to exactly the values the dense path's table holds."""
+
+    def __init__(self, weight: Int4Weight | Int8GroupWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.kind = type(weight)
+        self.shape = weight.shape
+        self.dtype = dtype
+        self.names = []
+        for field in weight.__dataclass_fields__:
+            self.register_buffer(field, getattr(weight, field))
+            self.names.append(field)
+
+    def packed(self) -> Int4Weight | Int8GroupWeight:
+        return self.kind(*(getattr(self, name) for name in self.names))
+
+    def rows_dequantized(self, start: int, stop: int) -> torch.Tensor:
+        return self.packed().rows(start, stop - start).dequantized().to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.packed().take(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.shape[1])
 
 
 @torch.no_grad()
@@ -173,7 +156,8 @@ def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = f
         int4 = mode == "int4" and not is_head and name not in int8_modules and linear.in_features % INT4_GROUP == 0
         setattr(parent, attr, Int4Linear(linear.weight, linear.bias) if int4 else Int8Linear(linear.weight, linear.bias))
     if getattr(model, "tie_word_embeddings", False):
-        model.quantized_head = Int8Linear(model.input_embeddings().weight, None)
+        table = model.input_embeddings()
+        model.quantized_head = Int8Linear(table if isinstance(table, PackedEmbedding) else table.weight, None)
     logger.info("quantized %d linear layers to %s (head: int8)%s", len(swaps), mode,
                 f"; {native} kept 4-bit from the file" if native else "")
     return model

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from miaotui.errors import ModelLoadError, UnsupportedModelError
-from miaotui.layers.quantized import Int4Weight
+from miaotui.layers.packed import Int4Weight, Int8GroupWeight
+from miaotui.loader.gguf_config import LlamaFamilyConfig
 from miaotui.loader.gguf_index import load_index, save_index
-from miaotui.loader.gguf_quant import INT4_TYPES, unpack_int4
+from miaotui.loader.gguf_quant import INT4_TYPES, unpack_int4, unpack_q8_0
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
@@ -132,9 +133,8 @@ def check_quant_types(reader: Any, path: Path) -> None:
 
 
 def gguf_hf_config(reader: Any, path: Path) -> Any:
-    """Build the transformers config the GGUF metadata describes."""
-    from transformers import LlamaConfig, Qwen2Config
-
+    """Build the config the GGUF metadata describes: transformers' for GPT-2 and BLOOM, our own
+    light one for the Llama family (loader/gguf_config.py: it keeps cold starts short)."""
     arch = gguf_architecture(reader, path)
 
     def meta(key: str, default: Any = None) -> Any:
@@ -183,11 +183,11 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
                           layer_norm_epsilon=meta("attention.layer_norm_epsilon", 1e-5),
                           bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
                           architectures=[SUPPORTED_ARCHITECTURES[arch]])
+    rope_scaling = None
     if meta("rope.scaling.type") == "linear":
-        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
-    if arch == "qwen2":
-        return Qwen2Config(**kwargs)
-    return LlamaConfig(**kwargs)
+        rope_scaling = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
+    kwargs.pop("architectures")
+    return LlamaFamilyConfig(model_type=arch, rope_scaling=rope_scaling, **kwargs)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -242,10 +242,11 @@ def _row_order(rows: int, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
-                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
     """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype. With `int4`
     (and an architecture that `keeps_int4`), layer matrices stored as Q4_0 / Q4_1 / Q4_K come as
-    Int4Weight instead: the file's own codes, never dequantized (loader/gguf_quant.py)."""
+    Int4Weight instead, the file's own codes never dequantized, and a Q8_0 / 4-bit embedding
+    table comes packed too (loader/gguf_quant.py)."""
     arch = _field(reader, "general.architecture")
     permute = arch == "llama"
     gpt2 = arch == "gpt2"
@@ -255,7 +256,14 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
         if name == ROPE_FREQS:
             continue
         hf_name = hf_tensor_name(name, arch, path)
-        if int4 and name.startswith("blk.") and tensor.tensor_type.name in INT4_TYPES:
+        kind = tensor.tensor_type.name
+        if int4 and name == "token_embd.weight" and kind in ("Q8_0", *INT4_TYPES):
+            try:
+                yield hf_name, unpack_q8_0(tensor) if kind == "Q8_0" else unpack_int4(tensor)
+            except (ValueError, IndexError) as exc:
+                raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
+            continue
+        if int4 and name.startswith("blk.") and kind in INT4_TYPES:
             try:
                 packed = unpack_int4(tensor)
             except (ValueError, IndexError) as exc:

@@ -1,4 +1,5 @@
-"""GGUF 4-bit blocks kept 4-bit: Q4_0, Q4_1 and Q4_K repacked into the int4 kernel's form.
+"""GGUF blocks kept as stored: Q4_0, Q4_1 and Q4_K repacked into the int4 kernel's form, and
+Q8_0 (34-byte blocks: fp16 d, 32 int8; w = d * q) as an Int8GroupWeight for embedding tables.
 
 All three store groups of 32 weights as w = a * q + b with q in 0..15, which is the int4 layer's
 w = (q - 8) * scale + zero with scale = a and zero = b + 8a (layers/quantized.py: Int4Weight):
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from miaotui.layers.quantized import INT4_GROUP, Int4Weight
+from miaotui.layers.packed import INT4_GROUP, Q8_GROUP, Int4Weight, Int8GroupWeight
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
@@ -59,3 +60,14 @@ def unpack_int4(tensor: Any) -> Int4Weight:
     return Int4Weight(torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k)),
                       torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, k // INT4_GROUP)),
                       torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(n, k // INT4_GROUP)))
+
+
+def unpack_q8_0(tensor: Any) -> Int8GroupWeight:
+    """The Int8GroupWeight of a GGUF Q8_0 matrix [N, K]."""
+    if tensor.tensor_type.name != "Q8_0":
+        raise ValueError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not Q8_0")
+    n, k = (int(d) for d in reversed(tensor.shape))
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // Q8_GROUP, 34)
+    scale = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
+    return Int8GroupWeight(torch.from_numpy(codes), torch.from_numpy(scale))

@@ -2,9 +2,10 @@
 
 Unfused parameters are assigned the loaded tensor itself when dtype and device already match
 (zero copy: a safetensors mmap stays an mmap). Fused parameters (QKV, gate/up) are allocated
-once and filled shard by shard. A weight that arrives already 4-bit (Int4Weight, from a GGUF
-file's Q4 blocks) is collected the same way and, at `finish`, its nn.Linear is replaced by an
-Int4Linear holding it (with the linear's bias, loaded by then).
+once and filled shard by shard. A weight that arrives packed (layers/packed.py: a GGUF file's Q4
+or Q8_0 blocks as stored) is collected the same way and, at `finish`, its module is replaced: an
+nn.Linear by an Int4Linear (with the linear's bias, loaded by then), an nn.Embedding by a
+PackedEmbedding.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import torch
 from torch import nn
 
 from miaotui.errors import ModelLoadError
-from miaotui.layers.quantized import Int4Linear, Int4Weight
+from miaotui.layers.packed import Int4Weight, Int8GroupWeight
+from miaotui.layers.quantized import Int4Linear, PackedEmbedding
+
+Packed = (Int4Weight, Int8GroupWeight)
 
 
 class WeightSink:
@@ -26,7 +30,7 @@ class WeightSink:
         self.params = dict(model.named_parameters())
         self.pending: dict[str, set[str]] = {}  # fused param -> shards still missing
         self.loaded: set[str] = set()
-        self.int4: dict[str, Int4Weight] = {}  # weight name -> its 4-bit codes, for Int4Linear
+        self.packed: dict[str, Int4Weight | Int8GroupWeight] = {}  # weight name -> its packed form
         self.sources: dict[str, set[str]] = {}  # parameter name -> checkpoint tensors it came from
 
     def _param(self, name: str, source: str) -> nn.Parameter:
@@ -49,11 +53,11 @@ class WeightSink:
                 f"checkpoint tensor {source!r} has shape {tuple(got)}, the config implies {tuple(expected)}"
             )
 
-    def assign(self, name: str, tensor: torch.Tensor | Int4Weight, source: str) -> None:
+    def assign(self, name: str, tensor: torch.Tensor | Int4Weight | Int8GroupWeight, source: str) -> None:
         param = self._param(name, source)
         self._check_shape(param.shape, tensor.shape, source)
-        if isinstance(tensor, Int4Weight):
-            self.int4[name] = tensor
+        if isinstance(tensor, Packed):
+            self.packed[name] = tensor
         else:
             self._set(name, tensor.to(device=self.device, dtype=self.dtype))
         self.loaded.add(name)
@@ -64,15 +68,15 @@ class WeightSink:
         param = self._param(name, source)
         if name not in self.pending:
             if isinstance(tensor, Int4Weight):
-                self.int4[name] = Int4Weight.empty(*param.shape)
+                self.packed[name] = Int4Weight.empty(*param.shape)
             else:
                 self._set(name, torch.empty(param.shape, dtype=self.dtype, device=self.device))
                 param = self.params[name]
             self.pending[name] = set(shards)
-        if (name in self.int4) != isinstance(tensor, Int4Weight):
-            raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and dense storage")
-        target = self.int4[name] if name in self.int4 else param.data
-        rows = target.rows(offset, tensor.shape[0]) if name in self.int4 else target.narrow(0, offset, tensor.shape[0])
+        if (name in self.packed) != isinstance(tensor, Int4Weight):
+            raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and other storage")
+        target = self.packed[name] if name in self.packed else param.data
+        rows = target.rows(offset, tensor.shape[0]) if name in self.packed else target.narrow(0, offset, tensor.shape[0])
         self._check_shape(rows.shape, tensor.shape, source)
         rows.copy_(tensor)
         self.pending[name].discard(shard)
@@ -84,12 +88,16 @@ class WeightSink:
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors: {shown}")
-        for name, weight in self.int4.items():
+        for name, weight in self.packed.items():
             module_name = name.rpartition(".")[0]
             parent_name, _, attr = module_name.rpartition(".")
-            linear = self.model.get_submodule(module_name)
-            if not isinstance(linear, nn.Linear):
-                raise ModelLoadError(f"{name}: a 4-bit weight only fits a linear layer, not {type(linear).__name__}")
+            module = self.model.get_submodule(module_name)
+            if isinstance(module, nn.Linear) and isinstance(weight, Int4Weight):
+                packed_module = Int4Linear(weight, module.bias)
+            elif isinstance(module, nn.Embedding):
+                packed_module = PackedEmbedding(weight, self.dtype)
+            else:
+                raise ModelLoadError(f"{name}: a {type(weight).__name__} does not fit a {type(module).__name__}")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, attr, Int4Linear(weight, linear.bias))
-        self.int4.clear()
+            setattr(parent, attr, packed_module)
+        self.packed.clear()

@@ -1,0 +1,97 @@
+"""Weights as a quantized file stores them, before they become layers (layers/quantized.py).
+
+- Int4Weight: groups of INT4_GROUP input features, w = (q - 8) * scale + zero, q in 0..15 — the
+  int4 kernel's form; GGUF Q4_0 / Q4_1 / Q4_K map onto it exactly (loader/gguf_quant.py).
+- Int8GroupWeight: groups of 32, w = scale * q, q in -128..127 — GGUF Q8_0 exactly. No torch kernel
+  multiplies it; it serves embedding lookups, which dequantize only the rows they read.
+
+Both have `shape`, `rows(start, length)` (a writable view: fused QKV / gate-up are filled by
+rows), `copy_`, `permute_rows`, `take(ids)` (dequantized rows, fp32) and `dequantized()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+INT4_GROUP = 32
+Q8_GROUP = 32
+_BF16 = torch.bfloat16
+
+
+class _Grouped:
+    """Shared row operations of the packed weights: every field is [N, ...] along rows."""
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._tensors()[0].shape
+
+    def rows(self, start: int, length: int):
+        return type(self)(*(t.narrow(0, start, length) for t in self._tensors()))
+
+    def copy_(self, other) -> None:
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            mine.copy_(theirs)
+
+    def permute_rows(self, order: torch.Tensor):
+        return type(self)(*(t[order] for t in self._tensors()))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.take(torch.arange(self.shape[0]))
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Int4Weight(_Grouped):
+    """A 4-bit weight before packing: w[n, k] = (codes[n, k] - 8) * scale[n, g] + zero[n, g] with
+    g = k // INT4_GROUP. Made by `quantize_int4` from a dense weight, or by the GGUF loader straight
+    from a file's Q4_0 / Q4_1 / Q4_K blocks (which are exactly of this form: no requantization)."""
+
+    codes: torch.Tensor  # uint8 [N, K], values 0..15
+    scale: torch.Tensor  # float32 [N, K / INT4_GROUP]
+    zero: torch.Tensor  # float32 [N, K / INT4_GROUP]
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> Int4Weight:
+        return cls(torch.empty(n, k, dtype=torch.uint8), torch.empty(n, k // INT4_GROUP),
+                   torch.empty(n, k // INT4_GROUP))
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        n, k = len(ids), self.codes.shape[1]
+        groups = (self.codes[ids].float() - 8).view(n, k // INT4_GROUP, INT4_GROUP)
+        return (groups * self.scale[ids][..., None] + self.zero[ids][..., None]).view(n, k)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Weight:
+    """Round a dense [N, K] weight to 4 bits per group of `group_size`, asymmetric (min..max)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
+    groups = w.reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    # Scales and zeros are stored in bf16: round them first, then pick q against the rounded
+    # values, so the stored (q, scale, zero) reproduce w as closely as bf16 allows.
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(_BF16).float()
+    zero = (lo + 8 * scale).to(_BF16).float()
+    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    return Int4Weight(q.reshape(n, k).to(torch.uint8), scale, zero)
+
+
+@dataclass(slots=True)
+class Int8GroupWeight(_Grouped):
+    """w[n, k] = scale[n, k // 32] * codes[n, k]: GGUF Q8_0 as stored (fp16 scales widened)."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N, K / Q8_GROUP]
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        n, k = len(ids), self.codes.shape[1]
+        groups = self.codes[ids].float().view(n, k // Q8_GROUP, Q8_GROUP)
+        return (groups * self.scale[ids][..., None]).view(n, k)
