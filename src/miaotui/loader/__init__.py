@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from miaotui.config import ModelConfig, env_default_model
@@ -50,6 +53,32 @@ def _progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     return tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False, disable=not enabled)
 
 
+_INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def _skip_initialization() -> Iterator[None]:
+    """nn.Linear / nn.Embedding initialise their weights when built; on the meta device that goes
+    through torch's reference ops, whose first use imports the compiler stack (~2 s of a cold
+    start). Every weight is overwritten by the checkpoint (or by loader/dummy.py), so the
+    initialisers do nothing while the model is built (as transformers' no_init_weights does)."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS if hasattr(nn.init, name)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _empty_model(hf_config: Any) -> nn.Module:
+    """The model of `hf_config` on the meta device: no memory until the weights arrive."""
+    with torch.device("meta"), _skip_initialization():
+        return model_class(hf_config)(hf_config)
+
+
 def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
                progress: bool = True) -> tuple[torch.nn.Module, Any]:
     """Build the model on the meta device, stream weights into it, return (model, hf_config).
@@ -76,8 +105,7 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
         files = st_loader.safetensors_files(source.path)
         total = st_loader.count_tensors(files)
         weights = st_loader.iter_safetensors(files)
-    with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
-        model = model_class(hf_config)(hf_config)
+    model = _empty_model(hf_config)
     sink = WeightSink(model, config.dtype, device)
     with _progress(total, f"Loading {source.path.name}", progress) as bar:
         def counted():
@@ -113,8 +141,7 @@ def resolve_quantization(config: ModelConfig, gguf_reader: Any) -> str:
 
 def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torch.nn.Module:
     """`--load-format dummy`: the model of `hf_config` with random weights (loader/dummy.py)."""
-    with torch.device("meta"):
-        model = model_class(hf_config)(hf_config)
+    model = _empty_model(hf_config)
     fill_random(model, config.dtype, torch.device("cpu" if config.tensor_parallel_size > 1 else config.device),
                 config.seed)
     return _ready(model, config, rank, resolve_quantization(config, None))
