@@ -34,11 +34,10 @@ _INT8_MM = _INT8_MM.default if _INT8_MM is not None else None
 
 
 def quantization_supported(mode: str) -> bool:
-    ops = torch.ops.aten
     if mode == "int4":
-        return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+        return _INT4_MM is not None and _PACK_INT4 is not None
     if mode == "int8":
-        return hasattr(ops, "_weight_int8pack_mm")
+        return _INT8_MM is not None
     return mode == "none"
 
 
