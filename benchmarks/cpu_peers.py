@@ -1,7 +1,7 @@
-"""CPU peers, same GGUF, same prompts, same run: miaotui (fp32 and int4) vs llama.cpp
-(llama-cpp-python) vs transformers, 2 threads each.
+"""CPU peers, same GGUF, same prompts, same run: miaotui (its default, which runs this Q4_1 file
+quantized, and the fp32 reference path) vs llama.cpp (llama-cpp-python) vs transformers, 2 threads each.
 
-    python benchmarks/cpu_peers.py [--threads 2] [--sides miaotui,miaotui-int4,llama.cpp,transformers]
+    python benchmarks/cpu_peers.py [--threads 2] [--sides miaotui,miaotui-fp32,llama.cpp,transformers]
 
 Each side runs in its own child process (its own peak RSS), one after the other, on the
 embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
@@ -9,11 +9,12 @@ embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
                tokenizer, first forward);
   pp512        512-token prompt -> 1 token, tokens/s, best of 3;
   decode       batch 1, 128 tokens after a 16-token prompt, minus that prompt's own time;
-  16 x 128     16 requests of 128 tokens in / 128 out at once, output tokens/s (llama-cpp-python's
-               API has no parallel slots: it runs them one after the other);
+  16 x 128     16 requests of 128 tokens in / 128 out at once, output tokens/s (llama.cpp: 16
+               parallel slots in one context through llama-cpp-python's low-level API, as its
+               batched-bench does; prompts prefilled 512 tokens per llama_decode);
   peak RSS     of the child process.
 EOS is banned for every side so all produce exactly the asked number of tokens. llama.cpp runs
-from `.bench-venv` (made by benchmarks/serve_vs_peers.py), never from the package's own venv.
+from `.bench-venv` (benchmarks/peer_venv.py makes it on first use), never from the package's own venv.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from peer_venv import llama_cpp_python
+
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("miaotui", "miaotui-int4", "llama.cpp", "transformers")
+SIDES = ("miaotui", "miaotui-fp32", "llama.cpp", "transformers")
 
 
 def _rss_mib() -> float:
@@ -95,6 +98,51 @@ def side_transformers(work: dict, threads: int) -> None:
     _report(work, lambda p: gen([p], 1), lambda p: gen([p], 1), lambda p: gen([p], 128), lambda b: gen(b, 128))
 
 
+def _llama_cpp_parallel(llm, threads: int, banned: list[int], slots: int = 16):
+    """llama.cpp with parallel slots, as its batched-bench and server run them: one context
+    holding `slots` sequences, every decode step one llama_decode over a token of each."""
+    import llama_cpp as lc
+    import numpy as np
+    from llama_cpp import _internals
+
+    params = lc.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = slots * 272, 512, 512, slots
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = True
+    ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def greedy(row: int) -> int:
+        logits = np.ctypeslib.as_array(ctx.get_logits_ith(row), shape=(n_vocab,)).copy()
+        logits[banned] = -np.inf
+        return int(logits.argmax())
+
+    def decode(entries):  # [(seq, pos, token, wants_logits)] -> {seq: next token} of the flagged rows
+        b = batch.batch
+        b.n_tokens = len(entries)
+        for j, (seq, pos, token, wants) in enumerate(entries):
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, pos, 1, wants
+            b.seq_id[j][0] = seq
+        ctx.decode(batch)
+        return {seq: greedy(j) for j, (seq, _, _, wants) in enumerate(entries) if wants}
+
+    def run(prompts: list[list[int]], n: int) -> list[list[int]]:
+        ctx.kv_cache_clear()
+        flat = [(s, i, t, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
+        nxt = {}
+        for start in range(0, len(flat), 512):
+            nxt.update(decode(flat[start:start + 512]))
+        outputs = [[nxt[s]] for s in range(len(prompts))]
+        for step in range(1, n):
+            nxt = decode([(s, len(p) + step - 1, nxt[s], True) for s, p in enumerate(prompts)])
+            for s in range(len(prompts)):
+                outputs[s].append(nxt[s])
+        return outputs
+
+    return run
+
+
 def side_llama_cpp(work: dict, threads: int) -> None:
     from llama_cpp import Llama
 
@@ -108,12 +156,12 @@ def side_llama_cpp(work: dict, threads: int) -> None:
 
     gen(work["short"], 1)
     print("FIRST_TOKEN", flush=True)
-    _report(work, lambda p: gen(p, 1), lambda p: gen(p, 1), lambda p: gen(p, 128),
-            lambda batch: [gen(p, 128) for p in batch])
+    parallel = _llama_cpp_parallel(llm, threads, work["special_ids"])
+    _report(work, lambda p: gen(p, 1), lambda p: gen(p, 1), lambda p: gen(p, 128), lambda batch: parallel(batch, 128))
 
 
 def _run_side(name: str, work_file: str, threads: int) -> dict:
-    python = str(ROOT / ".bench-venv" / "bin" / "python") if name == "llama.cpp" else sys.executable
+    python = llama_cpp_python() if name == "llama.cpp" else sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     proc = subprocess.Popen([python, __file__, "--side", name, "--work", work_file, "--threads", str(threads)],
@@ -139,8 +187,8 @@ def main() -> int:
     args = p.parse_args()
     if args.side:
         work = json.loads(Path(args.work).read_text())
-        {"miaotui": lambda: side_miaotui(work, args.threads, "none"),
-         "miaotui-int4": lambda: side_miaotui(work, args.threads, "int4"),
+        {"miaotui": lambda: side_miaotui(work, args.threads, "auto"),
+         "miaotui-fp32": lambda: side_miaotui(work, args.threads, "none"),
          "llama.cpp": lambda: side_llama_cpp(work, args.threads),
          "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
         return 0

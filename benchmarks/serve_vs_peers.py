@@ -27,9 +27,9 @@ from miaotui.bench.serve import print_table, run_load
 from miaotui.bench.throughput import make_prompts
 from miaotui.loader.default_model import embedded_model_path
 from miaotui.tokenizer import load_tokenizer
+from peer_venv import llama_cpp_python
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_VENV = ROOT / ".bench-venv"
 
 
 def _port() -> int:
@@ -51,16 +51,6 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
                 pass
         time.sleep(0.5)
     raise RuntimeError("server did not become ready")
-
-
-def _llama_cpp_python() -> str:
-    python = BENCH_VENV / "bin" / "python"
-    if not python.exists():
-        print("creating .bench-venv with llama-cpp-python[server] (compiles llama.cpp; minutes)...",
-              file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python[server]"], check=True)
-    return str(python)
 
 
 def _hf_folder(gguf: str) -> str:
@@ -90,7 +80,7 @@ def server_command(name: str, gguf: str, port: int, args: argparse.Namespace) ->
         return [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--max-model-len", "4096",
                 "--max-num-seqs", str(max(args.concurrency, 1))]
     if name == "llama.cpp":
-        return [_llama_cpp_python(), "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+        return [llama_cpp_python(), "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
                 # By default a new request cuts off the one streaming; queue them instead.
                 "--interrupt_requests", "False"]

@@ -2,7 +2,9 @@
 swaps them in.
 
 - int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), packed
-  by `_convert_weight_to_int4pack_for_cpu` and multiplied by `_weight_int4pack_mm_for_cpu`.
+  by `_convert_weight_to_int4pack_for_cpu` and multiplied by `_weight_int4pack_mm_for_cpu`;
+  a step of DENSE_MIN_ROWS rows or more (a prompt) dequantizes the weight and multiplies in fp32
+  instead (layers/int4_unpack.py), which amortises each weight over the rows.
 - int8: one symmetric scale per output row, multiplied by `_weight_int8pack_mm`.
 
 Both kernels run far faster with bf16 activations than fp32 ones on CPU (measured on a 2-core
@@ -14,16 +16,20 @@ model keeps its dtype. The head (logits) is quantized to int8, never int4: it de
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 import torch
 from torch import nn
 
+from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
 from miaotui.layers.packed import INT4_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
 
 
 logger = logging.getLogger("miaotui")
 
 _ACT_DTYPE = torch.bfloat16
+# From this many rows an int4 matmul dequantizes and runs dense (measured crossover ~64-128 rows).
+DENSE_MIN_ROWS = 96
 # The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
 # overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -107,6 +113,15 @@ class Int4Linear(_WeightOnlyLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A prompt-sized step: dequantize once and multiply densely in fp32 (see int4_unpack).
+        block = packed_block_rows()
+        if x.dim() == 2 and x.shape[0] >= DENSE_MIN_ROWS and block and self.out_features % block == 0:
+            w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features, block)
+            y = torch.matmul(x.float(), w_t).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
+
 
 class PackedEmbedding(nn.Module):
     """An embedding table kept as a quantized file stores it (Q8_0, or 4-bit groups): a lookup
@@ -117,13 +132,11 @@ class PackedEmbedding(nn.Module):
         self.kind = type(weight)
         self.shape = weight.shape
         self.dtype = dtype
-        self.names = []
-        for field in weight.__dataclass_fields__:
-            self.register_buffer(field, getattr(weight, field))
-            self.names.append(field)
+        for field in fields(weight):
+            self.register_buffer(field.name, getattr(weight, field.name))
 
     def packed(self) -> Int4Weight | Int8GroupWeight:
-        return self.kind(*(getattr(self, name) for name in self.names))
+        return self.kind(*(getattr(self, field.name) for field in fields(self.kind)))
 
     def rows_dequantized(self, start: int, stop: int) -> torch.Tensor:
         return self.packed().rows(start, stop - start).dequantized().to(self.dtype)

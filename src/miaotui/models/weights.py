@@ -73,10 +73,13 @@ class WeightSink:
                 self._set(name, torch.empty(param.shape, dtype=self.dtype, device=self.device))
                 param = self.params[name]
             self.pending[name] = set(shards)
-        if (name in self.packed) != isinstance(tensor, Int4Weight):
+        packed = self.packed.get(name)
+        if (packed is not None) != isinstance(tensor, Int4Weight):
             raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and other storage")
-        target = self.packed[name] if name in self.packed else param.data
-        rows = target.rows(offset, tensor.shape[0]) if name in self.packed else target.narrow(0, offset, tensor.shape[0])
+        if packed is not None:
+            rows = packed.rows(offset, tensor.shape[0])
+        else:
+            rows = param.data.narrow(0, offset, tensor.shape[0])
         self._check_shape(rows.shape, tensor.shape, source)
         rows.copy_(tensor)
         self.pending[name].discard(shard)
