@@ -1,7 +1,9 @@
 """CPU peers, same GGUF, same prompts, same run: miaotui (its default, which runs this Q4_1 file
-quantized, and the fp32 reference path) vs llama.cpp (llama-cpp-python) vs transformers, 2 threads each.
+quantized; the same with --compile-decode; the fp32 reference path) vs llama.cpp (llama-cpp-python)
+vs transformers, 2 threads each.
 
-    python benchmarks/cpu_peers.py [--threads 2] [--sides miaotui,miaotui-fp32,llama.cpp,transformers]
+    python benchmarks/cpu_peers.py [--threads 2]
+        [--sides miaotui,miaotui-compiled,miaotui-fp32,llama.cpp,transformers]
 
 Each side runs in its own child process (its own peak RSS), one after the other, on the
 embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
@@ -32,7 +34,7 @@ from pathlib import Path
 from peer_venv import llama_cpp_python
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("miaotui", "miaotui-fp32", "llama.cpp", "transformers")
+SIDES = ("miaotui", "miaotui-compiled", "miaotui-fp32", "llama.cpp", "transformers")
 
 
 def _rss_mib() -> float:
@@ -48,9 +50,9 @@ def _timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def _report(work: dict, run_short, run_prefill, run_decode, run_batch) -> None:
+def _report(work: dict, run_short, run_prefill, run_decode, run_batch, out: dict | None = None) -> None:
     """The measurements every side shares, given its four ways to generate."""
-    out = {}
+    out = out or {}
     out["pp512_tok_s"] = 512 / _timed(lambda: run_prefill(work["long"]), 3)
     short = _timed(lambda: run_short(work["short"]), 3)
     out["decode_tok_s"] = 127 / (_timed(lambda: run_decode(work["short"]), 2) - short)
@@ -59,14 +61,15 @@ def _report(work: dict, run_short, run_prefill, run_decode, run_batch) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def side_miaotui(work: dict, threads: int, quantization: str) -> None:
+def side_miaotui(work: dict, threads: int, quantization: str, compile_decode: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
     from miaotui import LLM, SamplingParams
 
     # No prefix cache: repeated timing runs of one prompt must compute it again, as the peers do.
-    llm = LLM(quantization=quantization, max_num_seqs=16, enable_prefix_caching=False)
+    llm = LLM(quantization=quantization, max_num_seqs=16, enable_prefix_caching=False,
+              compile_decode=compile_decode)
     greedy = dict(temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": work["short"]}, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
     print("FIRST_TOKEN", flush=True)
@@ -74,7 +77,14 @@ def side_miaotui(work: dict, threads: int, quantization: str) -> None:
     def gen(prompts, n):
         llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=n, **greedy), use_tqdm=False)
 
-    _report(work, lambda p: gen([p], 1), lambda p: gen([p], 1), lambda p: gen([p], 128), lambda b: gen(b, 128))
+    extra = {}
+    if compile_decode:  # compile both decode graphs (batch 1, larger batches) before timing
+        start = time.perf_counter()
+        gen([work["short"]], 3)
+        gen(work["batch"][:2], 3)
+        extra["compile_s"] = time.perf_counter() - start
+    _report(work, lambda p: gen([p], 1), lambda p: gen([p], 1), lambda p: gen([p], 128), lambda b: gen(b, 128),
+            extra)
 
 
 def side_transformers(work: dict, threads: int) -> None:
@@ -188,6 +198,7 @@ def main() -> int:
     if args.side:
         work = json.loads(Path(args.work).read_text())
         {"miaotui": lambda: side_miaotui(work, args.threads, "auto"),
+         "miaotui-compiled": lambda: side_miaotui(work, args.threads, "auto", compile_decode=True),
          "miaotui-fp32": lambda: side_miaotui(work, args.threads, "none"),
          "llama.cpp": lambda: side_llama_cpp(work, args.threads),
          "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
@@ -213,13 +224,17 @@ def main() -> int:
     names = list(results)
     rows = [("cold start to first token (s)", "cold_start_s", False), ("pp512 (tok/s)", "pp512_tok_s", True),
             ("batch-1 decode, 128 tokens (tok/s)", "decode_tok_s", True),
-            ("16 x 128 in / 128 out (output tok/s)", "batch_out_tok_s", True), ("peak RSS (MiB)", "peak_rss_mib", False)]
+            ("16 x 128 in / 128 out (output tok/s)", "batch_out_tok_s", True), ("peak RSS (MiB)", "peak_rss_mib", False),
+            ("decode-step compile, once per process (s)", "compile_s", False)]
     print("\n| | " + " | ".join(names) + " |" + "".join(f" {n} / llama.cpp |" for n in names if n.startswith("miaotui")))
     print("|---" * (1 + len(names) + sum(n.startswith("miaotui") for n in names)) + "|")
     for label, key, higher in rows:
-        cells = [f"{results[n][key]:,.2f}" if key == "cold_start_s" else f"{results[n][key]:,.1f}" for n in names]
+        if not any(key in r for r in results.values()):
+            continue
+        cells = [("-" if key not in results[n] else f"{results[n][key]:,.2f}" if key == "cold_start_s"
+                  else f"{results[n][key]:,.1f}") for n in names]
         ratios = []
-        if "llama.cpp" in results:
+        if "llama.cpp" in results and key in results["llama.cpp"]:
             ref = results["llama.cpp"][key]
             for n in names:
                 if n.startswith("miaotui"):

@@ -30,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "blocks kept as they are), anything else loads dense")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model's kernels (default: the physical cores)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a compile of about a minute "
+                        "the first time (cached across runs; ~30 s after that); off by default")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="dummy: random weights for --model given as a config (smollm2-135m, llama-3.2-1b, "
                         "llama-3.1-8b, qwen2.5-0.5b, a config.json or its folder), to measure speed")
@@ -64,7 +67,7 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
     return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         max_model_len=args.max_model_len, quantization=args.quantization,
                         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-                        threads=args.threads),
+                        threads=args.threads, compile_decode=args.compile_decode),
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory))
 
 

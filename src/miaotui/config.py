@@ -73,6 +73,7 @@ class ModelConfig:
     tensor_parallel_size: int = 1  # ranks holding a shard each (runner/tensor_parallel.py)
     load_format: str = "auto"  # one of LOAD_FORMATS
     threads: int | None = None  # CPU threads for the kernels; None: the physical cores (runner/threads.py)
+    compile_decode: bool = False  # torch.compile the decode step (runner/compiled_decode.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -86,6 +87,9 @@ class ModelConfig:
             raise ValueError(f"quantization: {self.quantization} runs on the CPU only, not on {self.device}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: must be an integer >= 1, got {self.threads!r}")
+        if self.compile_decode and self.tensor_parallel_size > 1:
+            raise ValueError("compile_decode: not supported with tensor_parallel_size > 1 (the ranks' "
+                             "collectives run outside the compiled graph); drop one of the two")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if not isinstance(self.seed, int):

@@ -49,11 +49,12 @@ class LLM:
                  kv_cache_memory_gib: float | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  quantization: str = "auto", tensor_parallel_size: int = 1, load_format: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, compile_decode: bool = False) -> None:
         self.engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                         max_model_len=max_model_len, seed=seed, quantization=quantization,
-                        tensor_parallel_size=tensor_parallel_size, load_format=load_format, threads=threads),
+                        tensor_parallel_size=tensor_parallel_size, load_format=load_format, threads=threads,
+                        compile_decode=compile_decode),
             CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                         kv_cache_memory_gib=kv_cache_memory_gib,
                         enable_prefix_caching=enable_prefix_caching),

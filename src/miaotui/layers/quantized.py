@@ -105,6 +105,8 @@ class Int4Linear(_WeightOnlyLinear):
             weight = quantize_int4(weight)
         n, k = weight.shape
         self.out_features, self.in_features, self.group_size = n, k, INT4_GROUP
+        block = packed_block_rows()  # None: the packed layout cannot be read back; always the kernel
+        self.dense_block = block if block and n % block == 0 else None
         self.register_buffer("qweight", _PACK_INT4(weight.codes.to(torch.int32), 1))
         # [k / group, n, 2]: the layout the kernel reads.
         self.register_buffer("scales_and_zeros", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
@@ -115,9 +117,9 @@ class Int4Linear(_WeightOnlyLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A prompt-sized step: dequantize once and multiply densely in fp32 (see int4_unpack).
-        block = packed_block_rows()
-        if x.dim() == 2 and x.shape[0] >= DENSE_MIN_ROWS and block and self.out_features % block == 0:
-            w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features, block)
+        if self.dense_block and x.dim() == 2 and x.shape[0] >= DENSE_MIN_ROWS:
+            w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,
+                                      self.dense_block)
             y = torch.matmul(x.float(), w_t).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return super().forward(x)

@@ -18,6 +18,7 @@ from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
+from miaotui.runner.compiled_decode import CompiledDecode
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class ModelRunner:
         self._zeroed = bytearray(num_blocks)
         self._zero_new_blocks([0])
         self.sampler = Sampler(model_config.seed, self.device)
+        self.compiled_decode = CompiledDecode(model) if model_config.compile_decode else None
         self.is_encoder_decoder = getattr(model, "is_encoder_decoder", False)
         self.encoder_tokens_total = 0
         # The last step's stacked encoder K/V and the EncoderStates it was built from (holding
@@ -197,7 +199,10 @@ class ModelRunner:
         ids, positions, meta = self._tensors(inputs)
         if self.is_encoder_decoder:
             meta.cross = self._cross_batch(sched)
-        hidden = self.model(ids, positions, meta)
+        if self.compiled_decode is not None and self.compiled_decode.applies(ids, meta):
+            hidden = self.compiled_decode(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
