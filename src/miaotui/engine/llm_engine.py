@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from miaotui.loader.dummy import dummy_hf_config
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.runner.model_runner import ModelRunner
-from miaotui.runner.cpu_allocator import keep_freed_memory
+from miaotui.runner.cpu_allocator import settle_after_load
 from miaotui.runner.threads import configure_threads
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import load_tokenizer
@@ -58,15 +59,18 @@ class LLMEngine:
         cache_config = cache_config or CacheConfig()
         scheduler_config = scheduler_config or SchedulerConfig()
         configure_threads(model_config.threads, model_config.tensor_parallel_size)
-        keep_freed_memory()
         if model_config.load_format == "dummy":
             self._load_dummy(model_config)
         else:
             source = resolve_model(model_config.model)
             self.model_path = str(source.path)
             tok = resolve_model(model_config.tokenizer) if model_config.tokenizer else source
-            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
-            self.model, self.hf_config = load_model(source, model_config)
+            # The tokenizer (mostly Python: importing transformers, reading tokenizer.json) loads
+            # in a thread while the weights load here (mostly numpy/torch, which release the GIL).
+            with ThreadPoolExecutor(1, thread_name_prefix="miaotui-tokenizer") as pool:
+                tokenizer = pool.submit(load_tokenizer, str(tok.path), tok.is_gguf)
+                self.model, self.hf_config = load_model(source, model_config)
+                self.tokenizer = tokenizer.result()
             self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
@@ -74,6 +78,7 @@ class LLMEngine:
         if model_config.tensor_parallel_size > 1:
             from miaotui.runner.tensor_parallel import TensorParallelRunner as runner_cls
         self.runner = runner_cls(self.model, model_config, cache_config, self.max_model_len)
+        settle_after_load()
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv)
