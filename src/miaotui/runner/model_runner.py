@@ -199,10 +199,7 @@ class ModelRunner:
         ids, positions, meta = self._tensors(inputs)
         if self.is_encoder_decoder:
             meta.cross = self._cross_batch(sched)
-        if self.compiled_decode is not None and self.compiled_decode.applies(ids, meta):
-            hidden = self.compiled_decode(ids, positions, meta)
-        else:
-            hidden = self.model(ids, positions, meta)
+        hidden = self.model(ids, positions, meta)  # decode steps through CompiledDecode's graph when on
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
