@@ -11,7 +11,7 @@ import torch
 from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
 from miaotui.layers.packed import quantize_int4
 from miaotui.layers.quantized import DENSE_MIN_ROWS, Int4Linear, quantization_supported
-from miaotui.runner.cpu_allocator import settle_after_load
+from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 
 pytestmark = pytest.mark.skipif(not quantization_supported("int4"), reason="this torch lacks the int4 CPU kernel")
 
@@ -59,4 +59,5 @@ def test_allocator_thresholds_are_set_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not a glibc system")
+    assert return_large_blocks() is True
     assert settle_after_load() is True

@@ -21,7 +21,7 @@ from miaotui.loader.dummy import dummy_hf_config
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.runner.model_runner import ModelRunner
-from miaotui.runner.cpu_allocator import settle_after_load
+from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.threads import configure_threads
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import load_tokenizer
@@ -59,6 +59,7 @@ class LLMEngine:
         cache_config = cache_config or CacheConfig()
         scheduler_config = scheduler_config or SchedulerConfig()
         configure_threads(model_config.threads, model_config.tensor_parallel_size)
+        return_large_blocks()
         if model_config.load_format == "dummy":
             self._load_dummy(model_config)
         else:

@@ -54,6 +54,9 @@ class _WeightOnlyLinear(nn.Module):
 
     def __init__(self, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.set_bias(bias)
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] bf16 -> [M, N] bf16

@@ -5,7 +5,8 @@ Unfused parameters are assigned the loaded tensor itself when dtype and device a
 once and filled shard by shard. A weight that arrives packed (layers/packed.py: a GGUF file's Q4
 or Q8_0 blocks as stored) is collected the same way and, at `finish`, its module is replaced: an
 nn.Linear by an Int4Linear (with the linear's bias, loaded by then), an nn.Embedding by a
-PackedEmbedding.
+PackedEmbedding. A 4-bit weight is packed into its Int4Linear as soon as it is complete, so the
+unpacked codes (2.5x the packed size) of only one matrix are alive at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class WeightSink:
         self.params = dict(model.named_parameters())
         self.pending: dict[str, set[str]] = {}  # fused param -> shards still missing
         self.loaded: set[str] = set()
-        self.packed: dict[str, Int4Weight | Int8GroupWeight] = {}  # weight name -> its packed form
+        self.packed: dict[str, Int4Weight | Int8GroupWeight | Int4Linear] = {}  # weight name -> its packed form
         self.sources: dict[str, set[str]] = {}  # parameter name -> checkpoint tensors it came from
 
     def _param(self, name: str, source: str) -> nn.Parameter:
@@ -56,7 +57,9 @@ class WeightSink:
     def assign(self, name: str, tensor: torch.Tensor | Int4Weight | Int8GroupWeight, source: str) -> None:
         param = self._param(name, source)
         self._check_shape(param.shape, tensor.shape, source)
-        if isinstance(tensor, Packed):
+        if isinstance(tensor, Int4Weight) and isinstance(self.model.get_submodule(name.rpartition(".")[0]), nn.Linear):
+            self.packed[name] = Int4Linear(tensor, None)
+        elif isinstance(tensor, Packed):
             self.packed[name] = tensor
         else:
             self._set(name, tensor.to(device=self.device, dtype=self.dtype))
@@ -74,6 +77,8 @@ class WeightSink:
                 param = self.params[name]
             self.pending[name] = set(shards)
         packed = self.packed.get(name)
+        if isinstance(packed, Int4Linear):
+            raise ModelLoadError(f"checkpoint tensor {source!r}: {name} is already complete (a repeated shard)")
         if (packed is not None) != isinstance(tensor, Int4Weight):
             raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and other storage")
         if packed is not None:
@@ -85,6 +90,8 @@ class WeightSink:
         self.pending[name].discard(shard)
         if not self.pending[name]:
             self.loaded.add(name)
+            if packed is not None:
+                self.packed[name] = Int4Linear(packed, None)
 
     def finish(self) -> None:
         missing = sorted(set(self.params) - self.loaded)
@@ -95,8 +102,9 @@ class WeightSink:
             module_name = name.rpartition(".")[0]
             parent_name, _, attr = module_name.rpartition(".")
             module = self.model.get_submodule(module_name)
-            if isinstance(module, nn.Linear) and isinstance(weight, Int4Weight):
-                packed_module = Int4Linear(weight, module.bias)
+            if isinstance(module, nn.Linear) and isinstance(weight, Int4Linear):
+                packed_module = weight
+                packed_module.set_bias(module.bias)
             elif isinstance(module, nn.Embedding):
                 packed_module = PackedEmbedding(weight, self.dtype)
             else:

@@ -40,7 +40,7 @@ from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.tensor_parallel import bind_group
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
-from miaotui.runner.cpu_allocator import settle_after_load
+from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.threads import configure_threads
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
     from miaotui.loader import load_for_config
 
     configure_threads(model_config.threads, world)  # the cores are shared by all ranks
+    return_large_blocks()
     model_config = _rank_device(model_config, rank)
     step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
