@@ -50,7 +50,7 @@ class CompiledDecode:
         if blocks is None:
             raise ValueError(f"compile_decode: {type(model).__name__} has no list of repeated blocks to compile")
         self._eager = type(blocks[0]).forward
-        self._compiled = torch.compile(self._eager, dynamic=True)
+        self._compiled = None  # made at the first decode step: torch.compile imports its stack (~3 s)
         self._seen: set[bool] = set()  # batch 1 / batch > 1: each traces its own graph once
         for block in blocks:
             # An instance attribute: nn.Module.__call__ finds it before the class's forward.
@@ -66,4 +66,6 @@ class CompiledDecode:
             self._seen.add(single)
             logger.info("compiling the decode step for %s (~25 s the first time, less once cached on disk) ...",
                         "batch size 1" if single else "larger batches")
+            if self._compiled is None:
+                self._compiled = torch.compile(self._eager, dynamic=True)
         return self._compiled(block, *args)
