@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,12 +65,10 @@ class LLMEngine:
             source = resolve_model(model_config.model)
             self.model_path = str(source.path)
             tok = resolve_model(model_config.tokenizer) if model_config.tokenizer else source
-            # The tokenizer (mostly Python: importing transformers, reading tokenizer.json) loads
-            # in a thread while the weights load here (mostly numpy/torch, which release the GIL).
-            with ThreadPoolExecutor(1, thread_name_prefix="miaotui-tokenizer") as pool:
-                tokenizer = pool.submit(load_tokenizer, str(tok.path), tok.is_gguf)
-                self.model, self.hf_config = load_model(source, model_config)
-                self.tokenizer = tokenizer.result()
+            # Not in parallel threads: transformers' lazy module races when two threads import
+            # from it at once ("cannot import name 'AutoConfig'", seen loading a folder).
+            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+            self.model, self.hf_config = load_model(source, model_config)
             self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
         self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
