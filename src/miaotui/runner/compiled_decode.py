@@ -7,7 +7,7 @@ kernels and SDPA as they are.
 
 Regional compilation: the model's repeated block (its decoder layer class) is compiled once and
 that one graph serves every layer, instead of tracing the whole unrolled model. Measured on the
-embedded model, 2 cores: compiling takes ~25 s the first time and ~7 s once inductor's on-disk
+embedded model, 2 cores: compiling takes ~25-35 s the first time and ~7 s once inductor's on-disk
 cache holds the graph (the whole model: ~230 s and ~60 s); batch-1 decode 30 -> 34-40 tok/s
 (whole model: 44-50). Still more than a few seconds of start-up, so it is off by default.
 
@@ -64,7 +64,7 @@ class CompiledDecode:
         single = h.shape[0] == 1
         if single not in self._seen:
             self._seen.add(single)
-            logger.info("compiling the decode step for %s (~25 s the first time, less once cached on disk) ...",
+            logger.info("compiling the decode step for %s (~25-35 s the first time, less once cached on disk) ...",
                         "batch size 1" if single else "larger batches")
             if self._compiled is None:
                 self._compiled = torch.compile(self._eager, dynamic=True)
