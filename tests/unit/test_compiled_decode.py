@@ -1,7 +1,7 @@
 """--compile-decode: the compiled decode step gives the eager step's tokens and logprobs, prompt
-steps stay eager, and one graph serves every layer (regional compilation). Compiling takes a while (a C++ compiler builds inductor's kernels), so
-one generate covers it: two prompts of different lengths decode together (batch and context
-length are the graph's dynamic shapes)."""
+steps stay eager, and one graph serves every layer (regional compilation). Compiling takes a
+while (a C++ compiler builds inductor's kernels), so one generate covers it: two prompts of
+different lengths decode together (batch and context length are the graph's dynamic shapes)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from miaotui.loader import eos_token_ids, load_dummy_model, load_model, resolve_
 from miaotui.loader.dummy import dummy_hf_config
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
-from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
+from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.threads import configure_threads
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import load_tokenizer

@@ -62,13 +62,14 @@ class _WeightOnlyLinear(nn.Module):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] bf16 -> [M, N] bf16
         raise NotImplementedError
 
+    def _product(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N], in x2d's dtype
+        return self._matmul(x2d.to(_ACT_DTYPE)).to(x2d.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # the models' flat [T, K] batches: no reshapes around the kernel
-            y = self._matmul(x.to(_ACT_DTYPE)).to(x.dtype)
+            y = self._product(x)
         else:
-            shape = x.shape
-            y = self._matmul(x.reshape(-1, shape[-1]).to(_ACT_DTYPE))
-            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            y = self._product(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -118,14 +119,13 @@ class Int4Linear(_WeightOnlyLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x2d: torch.Tensor) -> torch.Tensor:
         # A prompt-sized step: dequantize once and multiply densely in fp32 (see int4_unpack).
-        if self.dense_block and x.dim() == 2 and x.shape[0] >= DENSE_MIN_ROWS:
+        if self.dense_block and x2d.shape[0] >= DENSE_MIN_ROWS:
             w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,
                                       self.dense_block)
-            y = torch.matmul(x.float(), w_t).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+            return torch.matmul(x2d.float(), w_t).to(x2d.dtype)
+        return super()._product(x2d)
 
 
 class PackedEmbedding(nn.Module):

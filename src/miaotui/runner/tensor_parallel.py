@@ -38,9 +38,9 @@ from torch import nn
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.tensor_parallel import bind_group
+from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
-from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.threads import configure_threads
 
 logger = logging.getLogger(__name__)
