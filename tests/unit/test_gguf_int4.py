@@ -57,8 +57,8 @@ def test_unpack_rejects_other_formats():
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
-def test_int4_kernel_matches_the_fp32_matmul_of_the_files_weights(kind):
-    """The kernel meets bf16 activations with bf16 scales and zeros and rounds its output to bf16.
+def test_torch_int4_kernel_matches_the_fp32_matmul_of_the_files_weights(kind):
+    """Torch's kernel (the fallback where miaotui's own does not build) meets bf16 activations with bf16 scales and zeros and rounds its output to bf16.
     Each rounding is at most 2^-9 relative (8-bit significand, round to nearest), so per output
     |y - x W^T| <= 2^-9 * (|x| |W|^T + |x| (8 |scale| + |zero|)^T + |y|) with fp32 accumulation
     adding nothing measurable; the test allows 1.5x that."""
@@ -71,7 +71,7 @@ def test_int4_kernel_matches_the_fp32_matmul_of_the_files_weights(kind):
     w = weight.dequantized()
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(2))
     ref = x @ w.t()
-    out = Int4Linear(weight, None)(x)
+    out = Int4Linear(weight, None, kernel="torch")(x)
     spread = lambda t: t.repeat_interleave(32, 1)  # noqa: E731
     grid = (8 * spread(weight.scale).abs() + spread(weight.zero).abs())
     bound = 2**-9 * (x.abs() @ w.abs().t() + x.abs() @ grid.t() + ref.abs())
@@ -110,13 +110,21 @@ def test_auto_keeps_q4_blocks_native_and_other_quantized_matrices_int8(quantized
     assert isinstance(model.model.embed_tokens, PackedEmbedding)
     ids = torch.tensor([[0, 5, 255], [17, 17, 3]])
     assert torch.equal(model.model.embed_tokens(ids), dense.model.embed_tokens(ids))
-    # Native: the kernel's weights are the file's values (up to the bf16 rounding of scale and
-    # zero), not a requantization of them, which would move weights by up to half a 4-bit step.
-    eye = torch.eye(64, dtype=torch.bfloat16)
+    # Native: the kernel's weights are the file's values, not a requantization of them, which
+    # would move weights by up to half a 4-bit step.
     for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
         layer = layer0.get_submodule(name)
-        kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.qweight, 32, layer.scales_and_zeros)
         file_w = dense.model.layers[0].get_submodule(name).weight
+        if layer.kernel == "q4":
+            # The file's fp16 d and m kept as they are; q * d + m in one FMA against the
+            # reference's two roundings: within one fp32 ulp.
+            assert layer.fp16_scales, name
+            kernel_w = torch.ops.miaotui_cpu.q4_dequantize(layer.blocks, 64, True)
+            assert ((kernel_w - file_w).abs() <= 2**-23 * file_w.abs() + 1e-12).all(), name
+            continue
+        # torch's kernel: up to the bf16 rounding of scale and zero.
+        eye = torch.eye(64, dtype=torch.bfloat16)
+        kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.qweight, 32, layer.scales_and_zeros)
         sz = layer.scales_and_zeros.float()  # [groups, n, 2]
         grid = (8 * sz[..., 0].abs() + sz[..., 1].abs()).t().repeat_interleave(32, 1)
         assert ((kernel_w.float().t() - file_w).abs() <= 2**-8 * (grid + file_w.abs()) + 1e-7).all(), name

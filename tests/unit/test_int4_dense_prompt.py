@@ -1,5 +1,6 @@
-"""Prompt-sized int4 steps: the kernel's packed layout read back gives exactly the weight that
-was packed, and from DENSE_MIN_ROWS rows an Int4Linear multiplies that weight densely in fp32."""
+"""Prompt-sized int4 steps on torch's kernel (the fallback where miaotui's own does not build):
+its packed layout read back gives exactly the weight that was packed, and from DENSE_MIN_ROWS
+rows an Int4Linear multiplies that weight densely in fp32."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def block() -> int:
 @pytest.mark.parametrize("n,k", [(64, 96), (192, 256), (128, 1536)])
 def test_packed_weight_reads_back_exactly(block, n, k):
     weight = quantize_int4(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
-    layer = Int4Linear(weight, None)
+    layer = Int4Linear(weight, None, kernel="torch")
     # The kernel's scales and zeros are the bf16 values quantize_int4 already rounded to: exact.
     got = dequantize_packed_t(layer.qweight, layer.scales_and_zeros, n, k, block).t()
     torch.testing.assert_close(got, weight.dequantized(), rtol=1e-6, atol=1e-7)
@@ -38,7 +39,7 @@ def test_prompt_rows_multiply_the_dequantized_weight_in_fp32(block):
     n, k = 128, 256
     weight = quantize_int4(torch.randn(n, k, generator=gen) * 0.05)
     bias = torch.randn(n, generator=gen)
-    layer = Int4Linear(weight, bias)
+    layer = Int4Linear(weight, bias, kernel="torch")
     x = torch.randn(DENSE_MIN_ROWS, k, generator=gen)
     dense = x @ weight.dequantized().t() + bias
     with torch.inference_mode():

@@ -25,7 +25,7 @@ def _int4_dequantized(layer: Int4Linear) -> torch.Tensor:
 def test_int4_weights_within_half_a_step_of_the_original(shape):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
-    layer = Int4Linear(w, None)
+    layer = Int4Linear(w, None, kernel="torch")
     deq = _int4_dequantized(layer)
     groups = w.reshape(shape[0], -1, INT4_GROUP)
     step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(INT4_GROUP, 1)
@@ -39,7 +39,7 @@ def test_int4_weights_within_half_a_step_of_the_original(shape):
 def test_int4_forward_equals_bf16_matmul_of_its_weights():
     torch.manual_seed(1)
     w, b, x = torch.randn(128, 256) * 0.05, torch.randn(128), torch.randn(5, 256)
-    layer = Int4Linear(w, b)
+    layer = Int4Linear(w, b, kernel="torch")
     ref = (x.bfloat16().float() @ _int4_dequantized(layer).t()) + b
     out = layer(x)
     assert out.dtype == torch.float32 and out.shape == (5, 128)
@@ -49,7 +49,7 @@ def test_int4_forward_equals_bf16_matmul_of_its_weights():
 def test_int8_forward_and_weights():
     torch.manual_seed(2)
     w, x = torch.randn(64, 96) * 0.1, torch.randn(3, 7, 96)
-    layer = Int8Linear(w, None)
+    layer = Int8Linear(w, None, kernel="torch")  # the fallback; the q8 kernel: test_cpu_kernels
     scale = layer.scales.float()[:, None]
     # Half a step; the row's largest weight may lose up to 127 * 2^-9 steps to bf16 scale rounding.
     assert ((layer.dequantized() - w).abs() <= scale * 0.5 + w.abs() * 2**-8).all()

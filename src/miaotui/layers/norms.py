@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from miaotui.kernels.cpu_build import cpu_kernels_available
+
 _FUSED_RMS_NORM = getattr(torch.nn.functional, "rms_norm", None)  # torch >= 2.4
 
 
@@ -13,8 +15,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        # miaotui's one-pass CPU kernel (kernels/cpu_ops.cpp) where it is built; bound once.
+        self._cpu_rms_norm = torch.ops.miaotui_cpu.rms_norm.default if cpu_kernels_available() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._cpu_rms_norm is not None and x.dtype is torch.float32 and x.device.type == "cpu"
+                and x.is_contiguous() and self.weight.dtype is torch.float32):
+            return self._cpu_rms_norm(x, self.weight, self.eps)
         if x.dtype is torch.float32 and _FUSED_RMS_NORM is not None:
             # The same arithmetic in one kernel (the reference's weight * x.to(dtype) is a no-op
             # cast in fp32); other dtypes keep the reference's order of rounding.

@@ -1,16 +1,20 @@
 """Weight-only quantized linear layers on torch's low-bit CPU kernels, and the model pass that
 swaps them in.
 
-- int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), packed
-  by `_convert_weight_to_int4pack_for_cpu` and multiplied by `_weight_int4pack_mm_for_cpu`;
-  a step of DENSE_MIN_ROWS rows or more (a prompt) dequantizes the weight and multiplies in fp32
-  instead (layers/int4_unpack.py), which amortises each weight over the rows.
+- int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), on
+  one of two kernels:
+  - "q4", where miaotui's own CPU kernel builds (kernels/cpu_build.py): the block layout of
+    layers/int4_blocks.py, fp32 activations, exact fp32 products; from Q4_DENSE_MIN_ROWS rows the
+    weight is dequantized and multiplied by a dense fp32 GEMM.
+  - "torch", the fallback: packed by `_convert_weight_to_int4pack_for_cpu`, multiplied by
+    `_weight_int4pack_mm_for_cpu` with bf16 activations; from DENSE_MIN_ROWS rows (a prompt)
+    dequantized and multiplied in fp32 (layers/int4_unpack.py).
 - int8: one symmetric scale per output row, multiplied by `_weight_int8pack_mm`.
 
 Both kernels run far faster with bf16 activations than fp32 ones on CPU (measured on a 2-core
 AVX2 machine, all matmuls of a SmolLM2-135M decode step: int4 8.9 ms with bf16 activations vs
 125 ms with fp32), so activations are cast to bf16 around the matmul and back; the rest of the
-model keeps its dtype. The head (logits) is quantized to int8, never int4: it decides every token.
+model keeps its dtype (except on the "q4" int4 kernel, which takes fp32 as it is). The head (logits) is quantized to int8, never int4: it decides every token.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.int4_blocks import pack_q4_blocks
 from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
 from miaotui.layers.packed import INT4_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
 
@@ -30,6 +36,9 @@ logger = logging.getLogger("miaotui")
 _ACT_DTYPE = torch.bfloat16
 # From this many rows an int4 matmul dequantizes and runs dense (measured crossover ~64-128 rows).
 DENSE_MIN_ROWS = 96
+# The same for miaotui's q4 kernel, whose cost also grows with the rows but which dequantizes
+# in C++ (measured crossover on the same machine: see Int4Linear._product).
+Q4_DENSE_MIN_ROWS = 32
 # The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
 # overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -74,24 +83,35 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    """Per-row int8 weight. Built from a dense [N, K] weight or from a PackedEmbedding (a tied
-    head), a block of rows at a time so a large vocabulary never needs several full fp32 copies."""
+    """Per-row int8 weight, on the "q8" kernel (miaotui's: fp32 activations, exact fp32 products)
+    where it builds, else torch's (bf16 activations). Built from a dense [N, K] weight or from a
+    PackedEmbedding (a tied head), a block of rows at a time so a large vocabulary never needs
+    several full fp32 copies."""
 
     _ROWS_PER_BLOCK = 4096
 
-    def __init__(self, weight: torch.Tensor | PackedEmbedding, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor | PackedEmbedding, bias: torch.Tensor | None,
+                 kernel: str | None = None) -> None:
         super().__init__(bias)
         self.out_features, self.in_features = weight.shape
+        self.kernel = kernel or ("q8" if cpu_kernels_available() and self.in_features % 32 == 0 else "torch")
+        if self.kernel not in ("q8", "torch"):
+            raise ValueError(f"int8 kernel: must be q8 or torch, got {self.kernel!r}")
+        if self.kernel == "q8" and not (cpu_kernels_available() and self.in_features % 32 == 0):
+            raise ValueError("int8 kernel q8: needs miaotui's CPU kernels and in_features a multiple of 32")
         self.register_buffer("qweight", torch.empty(self.out_features, self.in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(self.out_features, dtype=_ACT_DTYPE))
+        # Scales are bf16-rounded either way; the q8 kernel reads them as fp32 (the same values).
+        scale_dtype = torch.float32 if self.kernel == "q8" else _ACT_DTYPE
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=scale_dtype))
         for start in range(0, self.out_features, self._ROWS_PER_BLOCK):
             stop = min(start + self._ROWS_PER_BLOCK, self.out_features)
             w = (weight[start:stop] if isinstance(weight, torch.Tensor) else weight.rows_dequantized(start, stop))
             w = w.detach().float()
-            # Scales are stored in bf16: round first, then quantize against the rounded scale.
+            # Round the scale to bf16 first, then quantize against the rounded scale.
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(_ACT_DTYPE)
             self.qweight[start:stop] = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
             self.scales[start:stop] = scale
+        self._q8_linear = torch.ops.miaotui_cpu.q8_linear.default if self.kernel == "q8" else None
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -99,16 +119,38 @@ class Int8Linear(_WeightOnlyLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT8_MM(x2d, self.qweight, self.scales)
 
+    def _product(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return super()._product(x2d)
+        x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
+        if x32.shape[0] >= Q4_DENSE_MIN_ROWS:  # a prompt: one dense GEMM amortises the dequantization
+            return torch.nn.functional.linear(x32, self.dequantized()).to(x2d.dtype)
+        return self._q8_linear(x32, self.qweight, self.scales).to(x2d.dtype)
+
 
 class Int4Linear(_WeightOnlyLinear):
-    """Packed 4-bit weight; scales and zeros are stored in bf16, the dtype the kernel reads."""
+    """A 4-bit weight on the "q4" kernel (miaotui's, the default where it builds) or the "torch"
+    one (scales and zeros stored in bf16, the dtype that kernel reads); see the module doc."""
 
-    def __init__(self, weight: Int4Weight | torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: Int4Weight | torch.Tensor, bias: torch.Tensor | None,
+                 kernel: str | None = None) -> None:
         super().__init__(bias)
         if isinstance(weight, torch.Tensor):
             weight = quantize_int4(weight)
         n, k = weight.shape
         self.out_features, self.in_features, self.group_size = n, k, INT4_GROUP
+        self.kernel = kernel or ("q4" if cpu_kernels_available() else "torch")
+        if self.kernel == "q4":
+            if not cpu_kernels_available():
+                raise ValueError("int4 kernel q4: miaotui's CPU kernels are not available here (see the log)")
+            blocks, self.fp16_scales = pack_q4_blocks(weight)
+            self.register_buffer("blocks", blocks)
+            # Bound once, like the aten kernels above.
+            self._q4_linear = torch.ops.miaotui_cpu.q4_linear.default
+            self._q4_dequantize = torch.ops.miaotui_cpu.q4_dequantize.default
+            return
+        if self.kernel != "torch":
+            raise ValueError(f"int4 kernel: must be q4 or torch, got {self.kernel!r}")
         block = packed_block_rows()  # None: the packed layout cannot be read back; always the kernel
         self.dense_block = block if block and n % block == 0 else None
         self.register_buffer("qweight", _PACK_INT4(weight.codes.to(torch.int32), 1))
@@ -120,6 +162,12 @@ class Int4Linear(_WeightOnlyLinear):
         return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
     def _product(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "q4":
+            x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
+            if x32.shape[0] >= Q4_DENSE_MIN_ROWS:
+                w = self._q4_dequantize(self.blocks, self.in_features, self.fp16_scales)
+                return torch.nn.functional.linear(x32, w).to(x2d.dtype)
+            return self._q4_linear(x32, self.blocks, self.fp16_scales).to(x2d.dtype)
         # A prompt-sized step: dequantize once and multiply densely in fp32 (see int4_unpack).
         if self.dense_block and x2d.shape[0] >= DENSE_MIN_ROWS:
             w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,

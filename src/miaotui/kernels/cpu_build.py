@@ -1,0 +1,127 @@
+"""Build and load the hand-written CPU kernels (cpu_ops.cpp) as torch ops.
+
+The source is compiled once per machine with the system C++ compiler against the installed torch
+(about 10 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
+the source, torch's version and the flags; later processes only load the cached library. Where
+the kernels cannot run (not x86 with AVX2/FMA/F16C, no compiler, a failed build, or
+MIAOTUI_CPU_KERNELS=0) `cpu_kernels_available()` is False and callers keep torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("miaotui")
+
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+_NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
+_LIBS = ("-lc10", "-ltorch_cpu", "-ltorch")
+
+
+def _cpu_has_flags() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in flags for flag in _NEEDED_CPU_FLAGS)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MIAOTUI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "miaotui")
+    return Path(root) / "kernels"
+
+
+def _compile_command(compiler: str, output: Path) -> list[str]:
+    from torch.utils import cpp_extension  # only when building: it imports setuptools
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
+    lib_dirs = [flag for path in cpp_extension.library_paths() for flag in ("-L", path)]
+    return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_ARCH_FLAGS,
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(_SOURCE), "-o", str(output), *lib_dirs, *_LIBS]
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    key.update(_SOURCE.read_bytes())
+    key.update(f"{torch.__version__}|{sys.version}|{compiler}|{_ARCH_FLAGS}".encode())
+    return _cache_dir() / f"miaotui_cpu_{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building miaotui's CPU kernels (once per machine and torch version, about 10 s) ...")
+    start = time.perf_counter()
+    # Built beside the target and renamed into place: concurrent processes never load a partial file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        done = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, target)
+    logger.info("built miaotui's CPU kernels in %.1f s: %s", time.perf_counter() - start, target)
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (the decode step of --compile-decode calls these ops)."""
+    register = getattr(torch.library, "register_fake", None)  # torch >= 2.4
+    if register is None:
+        return
+
+    @register("miaotui_cpu::q4_linear")
+    def _(x, blocks, fp16_scales):
+        return x.new_empty(x.shape[0], blocks.shape[0])
+
+    @register("miaotui_cpu::q4_dequantize")
+    def _(blocks, in_features, fp16_scales):
+        return blocks.new_empty(blocks.shape[0], in_features, dtype=torch.float32)
+
+    @register("miaotui_cpu::q8_linear")
+    def _(x, qweight, scales):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @register("miaotui_cpu::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernels_available() -> bool:
+    """True once the kernels are loaded into this process (ops under torch.ops.miaotui_cpu).
+    Cached per process: a loaded library stays loaded."""
+    if os.environ.get("MIAOTUI_CPU_KERNELS", "1") == "0":
+        return False
+    if not _cpu_has_flags():
+        logger.info("CPU kernels off: this CPU lacks one of %s; torch's int4 kernel is used", _NEEDED_CPU_FLAGS)
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        logger.warning("CPU kernels off: no C++ compiler found (set CXX); torch's slower int4 kernel is used")
+        return False
+    target = _library_path(compiler)
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as exc:
+        logger.warning("CPU kernels off: %s; torch's slower int4 kernel is used", exc)
+        return False
+    _register_fakes()
+    return True

@@ -1,0 +1,239 @@
+// CPU kernels for x86 with AVX2 + FMA + F16C, registered as torch ops miaotui_cpu::q4_linear,
+// q4_dequantize (4-bit weight-only matmul), q8_linear (int8 weights, a scale per row) and rms_norm. Built and loaded by kernels/cpu_build.py.
+//
+// Layout ("q4 blocks", made by layers/int4_blocks.py): a weight [N, K] is N rows of K / 32
+// blocks; a block is the scale d, the offset m (both fp16, or both fp32 where fp16 would not hold
+// them exactly) and 16 bytes of codes: byte j holds element j in its low nibble and element
+// j + 16 in its high one (GGUF's Q4_0 / Q4_1 order). w = q * d + m, q in 0..15.
+//
+// Activations stay fp32 and every product is an fp32 FMA on the exactly dequantized weight, so
+// the result equals x @ W^T of the dequantized weight up to summation order. Decoding is bound
+// by memory traffic: a block is 20 bytes for 32 weights, as in the GGUF file.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+namespace {
+
+template <typename S> inline float scalar(const uint8_t* p);
+template <> inline float scalar<uint16_t>(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+template <> inline float scalar<float>(const uint8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return f;
+}
+
+template <typename S> constexpr int64_t block_bytes() { return 2 * sizeof(S) + 16; }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 weights of one block, dequantized into w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
+template <typename S>
+inline void dequant_block(const uint8_t* block, __m256 w[4]) {
+  const __m256 d = _mm256_set1_ps(scalar<S>(block)), m = _mm256_set1_ps(scalar<S>(block + sizeof(S)));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * sizeof(S)));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+}
+
+// R activation rows (x, row stride K) against one weight row: y[r * ldy] = x[r] . w.
+template <typename S, int R>
+inline void rows_dot(const float* x, int64_t K, const uint8_t* row, float* y, int64_t ldy) {
+  constexpr int A = R == 1 ? 4 : 2;  // accumulators per activation row: independent FMA chains
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / 32; ++g) {
+    __m256 w[4];
+    dequant_block<S>(row + g * block_bytes<S>(), w);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * K + g * 32;
+      for (int c = 0; c < 4; ++c) acc[r][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xr + 8 * c), acc[r][c % A]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
+template <typename S>
+void linear_rows(const float* x, int64_t M, int64_t K, const uint8_t* blocks, float* y, int64_t N) {
+  const int64_t row_bytes = K / 32 * block_bytes<S>();
+  // Output rows split across threads; each weight row is read once per 4 activation rows.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = blocks + n * row_bytes;
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) rows_dot<S, 4>(x + r * K, K, row, y + r * N + n, N);
+      for (; r + 2 <= M; r += 2) rows_dot<S, 2>(x + r * K, K, row, y + r * N + n, N);
+      for (; r < M; ++r) rows_dot<S, 1>(x + r * K, K, row, y + r * N + n, N);
+    }
+  });
+}
+
+template <typename S>
+void dequantize_rows(const uint8_t* blocks, int64_t N, int64_t K, float* w) {
+  const int64_t row_bytes = K / 32 * block_bytes<S>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < K / 32; ++g) {
+        __m256 v[4];
+        dequant_block<S>(blocks + n * row_bytes + g * block_bytes<S>(), v);
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(w + n * K + g * 32 + 8 * c, v[c]);
+      }
+  });
+}
+
+// int8 weights with one scale per output row: y[r, n] = scale[n] * (x[r] . q[n]), products in fp32.
+template <int R>
+inline void rows_dot_q8(const float* x, int64_t K, const int8_t* q, float scale, float* y, int64_t ldy) {
+  constexpr int A = R == 1 ? 4 : 2;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16));
+    const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)))};
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c)
+        acc[r][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c % A]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
+    y[r * ldy] = scale * hsum(s);
+  }
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "q8_linear: x must be a contiguous fp32 CPU [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+              qweight.size(1) == K, "q8_linear: qweight must be contiguous int8 [N, ", K, "]");
+  TORCH_CHECK(K % 32 == 0, "q8_linear: in_features ", K, " is not a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "q8_linear: scales must be contiguous fp32 [N]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) rows_dot_q8<4>(xp + r * K, K, qp + n * K, sp[n], yp + r * N + n, N);
+      for (; r + 2 <= M; r += 2) rows_dot_q8<2>(xp + r * K, K, qp + n * K, sp[n], yp + r * N + n, N);
+      for (; r < M; ++r) rows_dot_q8<1>(xp + r * K, K, qp + n * K, sp[n], yp + r * N + n, N);
+    }
+  });
+  return y;
+}
+
+void check_blocks(const at::Tensor& blocks, int64_t K, bool fp16_scales) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.is_cpu(),
+              "q4 blocks: must be a contiguous CPU uint8 [N, K / 32 * block bytes] tensor");
+  TORCH_CHECK(K % 32 == 0, "q4 blocks: in_features ", K, " is not a multiple of 32");
+  const int64_t per_block = fp16_scales ? block_bytes<uint16_t>() : block_bytes<float>();
+  TORCH_CHECK(blocks.size(1) == K / 32 * per_block, "q4 blocks: ", blocks.size(1), " bytes per row do not fit ",
+              K, " in_features");
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "q4_linear: x must be a contiguous fp32 CPU [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
+  check_blocks(blocks, K, fp16_scales);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  auto run = fp16_scales ? linear_rows<uint16_t> : linear_rows<float>;
+  run(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), y.data_ptr<float>(), N);
+  return y;
+}
+
+at::Tensor q4_dequantize(const at::Tensor& blocks, int64_t K, bool fp16_scales) {
+  check_blocks(blocks, K, fp16_scales);
+  at::Tensor w = at::empty({blocks.size(0), K}, blocks.options().dtype(at::kFloat));
+  auto run = fp16_scales ? dequantize_rows<uint16_t> : dequantize_rows<float>;
+  run(blocks.data_ptr<uint8_t>(), blocks.size(0), K, w.data_ptr<float>());
+  return w;
+}
+
+// RMSNorm of fp32 rows, y = x * rsqrt(mean(x^2) + eps) * weight, in one pass per row: torch's CPU
+// rms_norm runs as about six kernels (~60 us a call at hidden size 576 on 2 AVX2 cores).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu() && x.dim() >= 1,
+              "rms_norm: x must be a contiguous fp32 CPU tensor");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == H,
+              "rms_norm: weight must be contiguous fp32 of the last dimension's size");
+  at::Tensor y = at::empty_like(x);
+  const int64_t rows = H == 0 ? 0 : x.numel() / H;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Rows split across threads only when there are many (a decode step's few rows are cheaper alone).
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * H;
+      float* yr = yp + r * H;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t h = 0;
+      for (; h + 8 <= H; h += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + h);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float sum = hsum(acc);
+      for (; h < H; ++h) sum += xr[h] * xr[h];
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (h = 0; h + 8 <= H; h += 8)
+        _mm256_storeu_ps(yr + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));
+      for (; h < H; ++h) yr[h] = xr[h] * inv * wp[h];
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(miaotui_cpu, lib) {
+  lib.def("q4_linear(Tensor x, Tensor blocks, bool fp16_scales) -> Tensor");
+  lib.def("q4_dequantize(Tensor blocks, int in_features, bool fp16_scales) -> Tensor");
+  lib.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
+  lib.impl("q4_linear", &q4_linear);
+  lib.impl("q4_dequantize", &q4_dequantize);
+  lib.impl("q8_linear", &q8_linear);
+  lib.impl("rms_norm", &rms_norm);
+}

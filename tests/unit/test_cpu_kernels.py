@@ -1,0 +1,130 @@
+"""miaotui's own CPU kernels (kernels/cpu_ops.cpp): the 4-bit and int8 matmuls equal the fp32
+matmul of the exactly dequantized weight for every row count (and both 4-bit scale widths), RMSNorm equals the
+reference formula, bad input is refused by name, and without the kernels the layers fall back
+to torch's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.int4_blocks import pack_q4_blocks
+from miaotui.layers.norms import RMSNorm
+from miaotui.layers.packed import Int4Weight, quantize_int4
+from miaotui.layers.quantized import Q4_DENSE_MIN_ROWS, Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(),
+                                reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
+
+
+def _gguf_like_q4_1(n: int, k: int, gen: torch.Generator) -> Int4Weight:
+    """A Q4_1-style weight: fp16 d and m (w = q * d + m), as a GGUF file stores them."""
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(n, k // 32, generator=gen) * 0.1).half().float()
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    return Int4Weight(codes, d, m + 8 * d)
+
+
+def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Two fp32 summation orders of K products: each within K * 2^-24 of sum |x||w| (loose, and
+    # still about 100x tighter than the bf16 rounding of torch's kernel).
+    return x.shape[1] * 2**-24 * (x.abs() @ w.abs().t()) + 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 17, Q4_DENSE_MIN_ROWS - 1, Q4_DENSE_MIN_ROWS, 40])
+@pytest.mark.parametrize("fp16", [True, False])
+def test_q4_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows, fp16):
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 80, 96  # three groups per row; rows not a multiple of the thread split
+    weight = _gguf_like_q4_1(n, k, gen) if fp16 else quantize_int4(torch.randn(n, k, generator=gen) * 0.05)
+    bias = torch.randn(n, generator=gen)
+    layer = Int4Linear(weight, bias)
+    assert layer.kernel == "q4" and layer.fp16_scales is fp16
+    assert layer.blocks.shape == (n, k // 32 * (20 if fp16 else 24))
+    x = torch.randn(rows, k, generator=gen)
+    w = weight.dequantized()
+    with torch.inference_mode():
+        y = layer(x)
+    ref = x @ w.t() + bias
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert ((y - ref).abs() <= _fp32_bound(x, w)).all()
+
+
+def test_q4_blocks_keep_every_weight_exactly():
+    gen = torch.Generator().manual_seed(3)
+    for weight, fp16 in ((_gguf_like_q4_1(33, 64, gen), True), (quantize_int4(torch.randn(33, 64, generator=gen)), False)):
+        blocks, is_fp16 = pack_q4_blocks(weight)
+        assert is_fp16 is fp16
+        w = weight.dequantized()
+        got = torch.ops.miaotui_cpu.q4_dequantize(blocks, 64, fp16)
+        # q * d + m in one FMA vs (q - 8) * scale + zero in two roundings: within an ulp or two.
+        assert ((got - w).abs() <= 2**-22 * (w.abs() + 8 * weight.scale.abs().repeat_interleave(32, 1))).all()
+
+
+def test_bf16_and_3d_inputs_go_through_the_same_kernel():
+    gen = torch.Generator().manual_seed(4)
+    weight = quantize_int4(torch.randn(64, 64, generator=gen))
+    layer = Int4Linear(weight, None)
+    x = torch.randn(2, 3, 64, generator=gen)
+    with torch.inference_mode():
+        y = layer(x)
+        y16 = layer(x.bfloat16())
+    assert y.shape == (2, 3, 64)
+    torch.testing.assert_close(y, x @ weight.dequantized().t(), rtol=1e-5, atol=1e-5)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), x.bfloat16().float() @ weight.dequantized().t(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, Q4_DENSE_MIN_ROWS])
+def test_q8_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows):
+    gen = torch.Generator().manual_seed(10 + rows)
+    layer = Int8Linear(torch.randn(70, 64, generator=gen) * 0.05, torch.randn(70, generator=gen))
+    assert layer.kernel == "q8" and layer.scales.dtype == torch.float32
+    torch_layer = Int8Linear(layer.dequantized(), None, kernel="torch")
+    assert torch.equal(torch_layer.qweight, layer.qweight)  # the same int8 weights either way
+    x = torch.randn(rows, 64, generator=gen)
+    w = layer.dequantized()
+    with torch.inference_mode():
+        y = layer(x)
+    ref = x @ w.t() + layer.bias
+    assert ((y - ref).abs() <= _fp32_bound(x, w)).all()
+
+
+def test_bad_blocks_are_refused_by_name():
+    blocks, _ = pack_q4_blocks(quantize_int4(torch.randn(8, 64)))
+    with pytest.raises(RuntimeError, match="bytes per row do not fit 96 in_features"):
+        torch.ops.miaotui_cpu.q4_linear(torch.randn(1, 96), blocks, False)
+    with pytest.raises(RuntimeError, match="x must be a contiguous fp32"):
+        torch.ops.miaotui_cpu.q4_linear(torch.randn(1, 64).half(), blocks, False)
+    with pytest.raises(RuntimeError, match="not a multiple of 32"):
+        torch.ops.miaotui_cpu.q4_dequantize(blocks, 48, False)
+    with pytest.raises(RuntimeError, match="qweight must be contiguous int8"):
+        torch.ops.miaotui_cpu.q8_linear(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4))
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (2, 3, 100), (130, 40)])
+def test_rms_norm_equals_the_reference_formula(shape):
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.data = torch.randn(shape[-1], generator=gen)
+    x = torch.randn(shape, generator=gen) * 3
+    with torch.inference_mode():
+        y = norm(x)
+    ref = norm.weight.data * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert norm._cpu_rms_norm is not None
+    torch.testing.assert_close(y, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_without_the_kernels_the_layers_use_torchs():
+    code = ("from miaotui.layers.quantized import Int4Linear; from miaotui.layers.norms import RMSNorm; "
+            "from miaotui.layers.quantized import Int8Linear; import torch; "
+            "print(Int4Linear(torch.randn(16, 32), None).kernel, Int8Linear(torch.randn(16, 32), None).kernel, "
+            "RMSNorm(8, 1e-5)._cpu_rms_norm)")
+    env = {**os.environ, "MIAOTUI_CPU_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["torch", "torch", "None"]
