@@ -1,6 +1,7 @@
-"""miaotui's own CPU kernels (kernels/cpu_ops.cpp): the 4-bit and int8 matmuls equal the fp32
-matmul of the exactly dequantized weight for every row count (and both 4-bit scale widths), RMSNorm equals the
-reference formula, bad input is refused by name, and without the kernels the layers fall back
+"""miaotui's own CPU kernels (kernels/cpu_matmul.cpp, cpu_attention.cpp): the 4-bit and int8
+matmuls equal the fp32 matmul of the exactly dequantized weight for every row count (and both
+4-bit scale widths), RMSNorm equals the reference formula, bad input is refused by name, and
+without the kernels the layers fall back
 to torch's."""
 
 from __future__ import annotations

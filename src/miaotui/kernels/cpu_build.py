@@ -1,4 +1,4 @@
-"""Build and load the hand-written CPU kernels (cpu_ops.cpp) as torch ops.
+"""Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_attention.cpp) as torch ops.
 
 The source is compiled once per machine with the system C++ compiler against the installed torch
 (about 10 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
@@ -25,7 +25,9 @@ import torch
 
 logger = logging.getLogger("miaotui")
 
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_attention.cpp")
+_HEADERS = (_HERE / "cpu_simd.h",)
 _ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
 _LIBS = ("-lc10", "-ltorch_cpu", "-ltorch")
@@ -55,12 +57,13 @@ def _compile_command(compiler: str, output: Path) -> list[str]:
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
     lib_dirs = [flag for path in cpp_extension.library_paths() for flag in ("-L", path)]
     return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_ARCH_FLAGS,
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(_SOURCE), "-o", str(output), *lib_dirs, *_LIBS]
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, _SOURCES), "-o", str(output), *lib_dirs, *_LIBS]
 
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    for path in (*_SOURCES, *_HEADERS):
+        key.update(path.read_bytes())
     key.update(f"{torch.__version__}|{sys.version}|{compiler}|{_ARCH_FLAGS}".encode())
     return _cache_dir() / f"miaotui_cpu_{key.hexdigest()[:16]}.so"
 
@@ -96,6 +99,10 @@ def _register_fakes() -> None:
     @register("miaotui_cpu::q8_linear")
     def _(x, qweight, scales):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @register("miaotui_cpu::paged_decode_attention")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+        return torch.empty_like(q)
 
     @register("miaotui_cpu::rms_norm")
     def _(x, weight, eps):

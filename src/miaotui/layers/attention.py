@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.kernels.cpu_build import cpu_kernels_available
+
 if TYPE_CHECKING:
     from miaotui.layers.cross_attention import CrossAttentionBatch
 
@@ -162,6 +164,8 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.score_bias = score_bias
         self.backend = attention_backend()
+        # miaotui's CPU decode kernel (kernels/cpu_attention.cpp) where it is built; bound once.
+        self._cpu_decode = torch.ops.miaotui_cpu.paged_decode_attention.default if cpu_kernels_available() else None
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -181,7 +185,7 @@ class PagedAttention(nn.Module):
         else:
             write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
-                                        self.score_bias)
+                                        self.score_bias, self._cpu_decode)
         return out.view(t, self.num_heads * self.head_dim)
 
     def _use_triton(self, q: torch.Tensor) -> bool:
@@ -229,10 +233,15 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 def _decode_rows(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch,
-                 scale: float, sliding_window: int | None, score_bias: ScoreBias | None) -> torch.Tensor:
-    """All single-token sequences of the step in one SDPA call: [Bd, H, D]."""
+                 scale: float, sliding_window: int | None, score_bias: ScoreBias | None,
+                 cpu_decode: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """All single-token sequences of the step in one SDPA call (or one call of the CPU kernel,
+    which reads the paged cache in place): [Bd, H, D]."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     bd = decode.token_idx.numel()
+    if cpu_decode is not None:
+        q = (query if bd == query.shape[0] else query.index_select(0, decode.token_idx)).contiguous()
+        return cpu_decode(q, k_cache, v_cache, decode.blocks.view(bd, -1), decode.seq_lens.view(-1), scale)
     keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
     values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
     # [Bd, 1, H, D]; keys [Bd, L, KVH, D]. A pure decode step's rows are the whole batch in order.
@@ -270,17 +279,23 @@ def _prompt_chunks(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor
 def torch_paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
     scale: float, sliding_window: int | None = None, score_bias: ScoreBias | None = None,
+    cpu_decode: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Same contract as the reference; decodes batched, prompt chunks one sequence at a time."""
+    """Same contract as the reference; decodes batched, prompt chunks one sequence at a time.
+    `cpu_decode` (miaotui's paged decode kernel) takes the decode rows of plain causal layers
+    with fp32 CPU caches."""
     decode = meta.decode
     if decode is None:
         decode = build_decode_batch(meta, k_cache.shape[1])
+    if not (cpu_decode is not None and sliding_window is None and score_bias is None
+            and query.dtype is torch.float32 and k_cache.dtype is torch.float32 and k_cache.device.type == "cpu"):
+        cpu_decode = None
     if decode.token_idx.numel() == query.shape[0]:  # every row a decode, rows 0..T-1 in order
-        return _decode_rows(query, k_cache, v_cache, decode, scale, sliding_window, score_bias)
+        return _decode_rows(query, k_cache, v_cache, decode, scale, sliding_window, score_bias, cpu_decode)
     out = torch.empty_like(query)
     if decode.token_idx.numel():
         out.index_copy_(0, decode.token_idx, _decode_rows(query, k_cache, v_cache, decode, scale,
-                                                          sliding_window, score_bias))
+                                                          sliding_window, score_bias, cpu_decode))
     _prompt_chunks(out, query, k_cache, v_cache, meta, decode.other_seqs, scale, sliding_window, score_bias)
     return out
 

@@ -1,4 +1,4 @@
-"""4-bit weights in the block layout of miaotui's own CPU kernel (kernels/cpu_ops.cpp).
+"""4-bit weights in the block layout of miaotui's own CPU kernel (kernels/cpu_matmul.cpp).
 
 A weight [N, K] becomes uint8 [N, K / 32 * B]: per row, K / 32 blocks of the scale d, the offset
 m (w = q * d + m; m = zero - 8 * scale of an Int4Weight) and 16 bytes of codes, byte j holding

@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        # miaotui's one-pass CPU kernel (kernels/cpu_ops.cpp) where it is built; bound once.
+        # miaotui's one-pass CPU kernel (kernels/cpu_attention.cpp) where it is built; bound once.
         self._cpu_rms_norm = torch.ops.miaotui_cpu.rms_norm.default if cpu_kernels_available() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-// CPU kernels for x86 with AVX2 + FMA + F16C, registered as torch ops miaotui_cpu::q4_linear,
-// q4_dequantize (4-bit weight-only matmul), q8_linear (int8 weights, a scale per row) and rms_norm. Built and loaded by kernels/cpu_build.py.
+// Weight-only matmuls for x86 with AVX2 + FMA + F16C, registered as torch ops miaotui_cpu::q4_linear,
+// q4_dequantize (4-bit weights) and q8_linear (int8 weights, a scale per row). Built with
+// cpu_attention.cpp into one library by kernels/cpu_build.py.
 //
 // Layout ("q4 blocks", made by layers/int4_blocks.py): a weight [N, K] is N rows of K / 32
 // blocks; a block is the scale d, the offset m (both fp16, or both fp32 where fp16 would not hold
@@ -7,21 +8,23 @@
 // j + 16 in its high one (GGUF's Q4_0 / Q4_1 order). w = q * d + m, q in 0..15.
 //
 // Activations stay fp32 and every product is an fp32 FMA on the exactly dequantized weight, so
-// the result equals x @ W^T of the dequantized weight up to summation order. Decoding is bound
-// by memory traffic: a block is 20 bytes for 32 weights, as in the GGUF file.
-#include <immintrin.h>
-
+// the result equals x @ W^T of the dequantized weight up to summation order. With fp16 scales a
+// block is 20 bytes for 32 weights, the GGUF file's own size. On 2 AVX2 cores a batch-1 step is
+// bound by the unpacking arithmetic (int -> float conversion and the dequantizing FMA), not by
+// memory: fp32-scale blocks, 20% larger, run a few percent faster.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 namespace {
+
+using miaotui_cpu::hsum;
 
 template <typename S> inline float scalar(const uint8_t* p);
 template <> inline float scalar<uint16_t>(const uint8_t* p) {
@@ -36,13 +39,6 @@ template <> inline float scalar<float>(const uint8_t* p) {
 }
 
 template <typename S> constexpr int64_t block_bytes() { return 2 * sizeof(S) + 16; }
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The 32 weights of one block, dequantized into w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
 template <typename S>
@@ -214,54 +210,16 @@ at::Tensor q4_dequantize(const at::Tensor& blocks, int64_t K, bool fp16_scales) 
   return w;
 }
 
-// RMSNorm of fp32 rows, y = x * rsqrt(mean(x^2) + eps) * weight, in one pass per row: torch's CPU
-// rms_norm runs as about six kernels (~60 us a call at hidden size 576 on 2 AVX2 cores).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu() && x.dim() >= 1,
-              "rms_norm: x must be a contiguous fp32 CPU tensor");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == H,
-              "rms_norm: weight must be contiguous fp32 of the last dimension's size");
-  at::Tensor y = at::empty_like(x);
-  const int64_t rows = H == 0 ? 0 : x.numel() / H;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Rows split across threads only when there are many (a decode step's few rows are cheaper alone).
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * H;
-      float* yr = yp + r * H;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t h = 0;
-      for (; h + 8 <= H; h += 8) {
-        const __m256 v = _mm256_loadu_ps(xr + h);
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      float sum = hsum(acc);
-      for (; h < H; ++h) sum += xr[h] * xr[h];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (h = 0; h + 8 <= H; h += 8)
-        _mm256_storeu_ps(yr + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));
-      for (; h < H; ++h) yr[h] = xr[h] * inv * wp[h];
-    }
-  });
-  return y;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(miaotui_cpu, lib) {
   lib.def("q4_linear(Tensor x, Tensor blocks, bool fp16_scales) -> Tensor");
   lib.def("q4_dequantize(Tensor blocks, int in_features, bool fp16_scales) -> Tensor");
   lib.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
   lib.impl("q4_linear", &q4_linear);
   lib.impl("q4_dequantize", &q4_dequantize);
   lib.impl("q8_linear", &q8_linear);
-  lib.impl("rms_norm", &rms_norm);
 }
