@@ -7,8 +7,10 @@ fp16 (B = 20, the file's own size) when fp16 holds every d and m exactly, as it 
 Q4_0 / Q4_1 blocks of a GGUF file; otherwise fp32 (B = 24), so the layout never rounds a weight.
 
 Against torch's int4 kernel (bf16 activations, bf16 scales, bf16 output) this one multiplies fp32
-activations by the exactly dequantized weight: the result is the fp32 matmul's up to summation
-order, and on a 2-core AVX2 machine a batch-1 decode step's int4 matmuls take about half the time.
+activations by the exactly dequantized weight, so the result is the fp32 matmul's up to
+summation order; steps of 1-3 rows round x to 16 bits per group of 32 first (at most 2^-16 of
+the group's largest |x|, exact integer sums; see cpu_matmul.cpp). On a 2-core AVX2 machine the
+int4 matmuls of a batch-1 decode step take about half the time of torch's.
 """
 
 from __future__ import annotations

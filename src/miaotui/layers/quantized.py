@@ -4,8 +4,9 @@ swaps them in.
 - int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), on
   one of two kernels:
   - "q4", where miaotui's own CPU kernel builds (kernels/cpu_build.py): the block layout of
-    layers/int4_blocks.py, fp32 activations, exact fp32 products; from Q4_DENSE_MIN_ROWS rows the
-    weight is dequantized and multiplied by a dense fp32 GEMM.
+    layers/int4_blocks.py, fp32 activations (rounded to 16 bits per group of 32 in steps of 1-3
+    rows), exact fp32 products; from Q4_DENSE_MIN_ROWS rows the weight is dequantized and
+    multiplied by a dense fp32 GEMM.
   - "torch", the fallback: packed by `_convert_weight_to_int4pack_for_cpu`, multiplied by
     `_weight_int4pack_mm_for_cpu` with bf16 activations; from DENSE_MIN_ROWS rows (a prompt)
     dequantized and multiplied in fp32 (layers/int4_unpack.py).
