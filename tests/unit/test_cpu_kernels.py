@@ -1,8 +1,8 @@
-"""miaotui's own CPU kernels (kernels/cpu_matmul.cpp, cpu_attention.cpp): the 4-bit and int8
-matmuls equal the fp32 matmul of the exactly dequantized weight for every row count (and both
-4-bit scale widths; the 4-bit one's batch-1 rows within the 16-bit rounding of x), RMSNorm equals the reference formula, bad input is refused by name, and
-without the kernels the layers fall back
-to torch's."""
+"""miaotui's own CPU kernels (kernels/cpu_*.cpp): the 4-bit and int8 matmuls equal the fp32
+matmul of the exactly dequantized weight for every row count (and both 4-bit scale widths; the
+4-bit one's batch-1 rows within the 16-bit rounding of x); RMSNorm, rotary and silu-and-mul
+equal their torch formulas; bad input is refused by name; without the kernels the layers fall
+back to torch's."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
 
 from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.activations import SiluAndMul
 from miaotui.layers.int4_blocks import pack_q4_blocks
 from miaotui.layers.norms import RMSNorm
 from miaotui.layers.packed import Int4Weight, quantize_int4
 from miaotui.layers.quantized import Q4_DENSE_MIN_ROWS, Int4Linear, Int8Linear
+from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
 
 Q4_WIDE_ROWS = 4  # kWideRows of cpu_matmul.cpp: fewer rows take the 16-bit activation path
 
@@ -132,6 +136,31 @@ def test_rms_norm_equals_the_reference_formula(shape):
     ref = norm.weight.data * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert norm._cpu_rms_norm is not None
     torch.testing.assert_close(y, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_rotary_equals_the_torch_formula_on_a_strided_qkv_view():
+    gen = torch.Generator().manual_seed(6)
+    t, heads, kv_heads, dim = 5, 6, 2, 64
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim, generator=gen)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(t, heads + kv_heads, dim)  # rows strided, as in the models
+    rope = RotaryEmbedding(LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads), dim)
+    cos, sin = rope.cos_sin(torch.tensor([0, 3, 17, 100, 4095]), torch.float32)
+    with torch.inference_mode():
+        got = apply_rotary(qk, cos, sin, torch.ops.miaotui_cpu.rotary.default)
+    torch.testing.assert_close(got, apply_rotary(qk, cos, sin), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_and_mul_equals_silu_of_gate_times_up():
+    gen = torch.Generator().manual_seed(7)
+    gate_up = torch.randn(3, 2 * 100, generator=gen) * 4  # 100: a vector tail of 4
+    act = SiluAndMul()
+    assert act._cpu_kernel is not None
+    with torch.inference_mode():
+        got = act(gate_up)
+        half = act(gate_up.bfloat16())  # other dtypes take torch's path
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(half.float(), F.silu(gate) * up, rtol=2e-2, atol=5e-2)
 
 
 def test_without_the_kernels_the_layers_use_torchs():

@@ -1,6 +1,6 @@
-// RMSNorm and paged decode attention for x86 with AVX2 + FMA, registered as torch ops
-// miaotui_cpu::rms_norm and miaotui_cpu::paged_decode_attention (a fragment of the library
-// cpu_matmul.cpp defines). Built by kernels/cpu_build.py.
+// Paged decode attention for x86 with AVX2 + FMA, registered as the torch op
+// miaotui_cpu::paged_decode_attention (a fragment of the library cpu_matmul.cpp defines).
+// Built by kernels/cpu_build.py.
 #include <cmath>
 #include <vector>
 
@@ -13,62 +13,8 @@
 
 namespace {
 
+using miaotui_cpu::exp8;
 using miaotui_cpu::hsum;
-
-// RMSNorm of fp32 rows, y = x * rsqrt(mean(x^2) + eps) * weight, in one pass per row: torch's CPU
-// rms_norm runs as about six kernels (~60 us a call at hidden size 576 on 2 AVX2 cores).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu() && x.dim() >= 1,
-              "rms_norm: x must be a contiguous fp32 CPU tensor");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == H,
-              "rms_norm: weight must be contiguous fp32 of the last dimension's size");
-  at::Tensor y = at::empty_like(x);
-  const int64_t rows = H == 0 ? 0 : x.numel() / H;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Rows split across threads only when there are many (a decode step's few rows are cheaper alone).
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * H;
-      float* yr = yp + r * H;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t h = 0;
-      for (; h + 8 <= H; h += 8) {
-        const __m256 v = _mm256_loadu_ps(xr + h);
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      float sum = hsum(acc);
-      for (; h < H; ++h) sum += xr[h] * xr[h];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (h = 0; h + 8 <= H; h += 8)
-        _mm256_storeu_ps(yr + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));
-      for (; h < H; ++h) yr[h] = xr[h] * inv * wp[h];
-    }
-  });
-  return y;
-}
-
-// exp of 8 floats: Cody-Waite reduction x = n ln2 + r and Cephes' degree-6 polynomial for
-// exp(r) (within 2 ulp of expf); inputs below -87.3 give ~1e-38 instead of a denormal.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
 
 // Decode attention straight from the paged cache: one query token per sequence, causal over its
 // seq_len cached tokens, fp32 throughout (scores, an exact two-pass softmax, the weighted sum).
@@ -153,12 +99,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
-  lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   lib.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
-  lib.impl("rms_norm", &rms_norm);
   lib.impl("paged_decode_attention", &paged_decode_attention);
 }

@@ -1,4 +1,5 @@
-"""Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_attention.cpp) as torch ops.
+"""Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_attention.cpp,
+cpu_elementwise.cpp) as torch ops.
 
 The source is compiled once per machine with the system C++ compiler against the installed torch
 (about 10 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
@@ -26,7 +27,7 @@ import torch
 logger = logging.getLogger("miaotui")
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_attention.cpp")
+_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_attention.cpp", _HERE / "cpu_elementwise.cpp")
 _HEADERS = (_HERE / "cpu_simd.h",)
 _ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -107,6 +108,14 @@ def _register_fakes() -> None:
     @register("miaotui_cpu::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)
+
+    @register("miaotui_cpu::rotary")
+    def _(x, cos, signed_sin):
+        return x.new_empty(x.shape)
+
+    @register("miaotui_cpu::silu_and_mul")
+    def _(gate_up):
+        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 @functools.lru_cache(maxsize=1)

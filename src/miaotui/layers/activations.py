@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import nn
+
+from miaotui.kernels.cpu_build import cpu_kernels_available
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -11,3 +15,20 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up of a fused gate/up projection [..., 2I] (gate first), as a gated MLP
+    needs. On fp32 CPU rows it is one pass of miaotui's kernel (kernels/cpu_elementwise.cpp)
+    where that is built, instead of a split, a silu and a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cpu_kernel = torch.ops.miaotui_cpu.silu_and_mul.default if cpu_kernels_available() else None
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if (self._cpu_kernel is not None and gate_up.dim() == 2 and gate_up.dtype is torch.float32
+                and gate_up.device.type == "cpu" and gate_up.is_contiguous()):
+            return self._cpu_kernel(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up

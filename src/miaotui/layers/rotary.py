@@ -6,6 +6,7 @@ un-permutes them, so every model here uses this one layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,7 +80,13 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.scaling).to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                 cpu_kernel: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, heads, head_dim] rotated by the tables of `RotaryEmbedding.cos_sin`:
-    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x, half) * (-1, +1)."""
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x, half) * (-1, +1).
+    `cpu_kernel` (miaotui's rotary, kernels/cpu_elementwise.cpp) does it in one pass for fp32
+    CPU rows: three torch kernels and a rolled copy less per layer."""
+    if (cpu_kernel is not None and x.dtype is torch.float32 and x.device.type == "cpu"
+            and cos.dtype is torch.float32 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]):
+        return cpu_kernel(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

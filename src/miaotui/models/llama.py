@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.activations import SiluAndMul
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
@@ -51,13 +52,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim**-0.5, _sliding_window(cfg, layer))
+        self._cpu_rotary = torch.ops.miaotui_cpu.rotary.default if cpu_kernels_available() else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = h.shape[0]
         qk, v = self.qkv_proj(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Q and K heads rotated together: one rotation per layer.
-        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin).view(t, -1)
+        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin,
+                          self._cpu_rotary).view(t, -1)
         q, k = qk.split([self.q_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -69,10 +72,10 @@ class LlamaMLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act = SiluAndMul()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(h).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(h)))
 
 
 class LlamaDecoderLayer(nn.Module):
