@@ -171,3 +171,13 @@ def test_without_the_kernels_the_layers_use_torchs():
     env = {**os.environ, "MIAOTUI_CPU_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["torch", "torch", "None"]
+
+
+def test_a_failed_build_falls_back_and_says_why(tmp_path):
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "from miaotui.kernels.cpu_build import cpu_kernels_available; print(cpu_kernels_available())")
+    env = {**os.environ, "MIAOTUI_CACHE_DIR": str(tmp_path), "CXX": "false"}  # a "compiler" that always fails
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False"]
+    assert "CPU kernels off: false failed" in done.stderr and "torch's slower int4 kernel is used" in done.stderr
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left to load

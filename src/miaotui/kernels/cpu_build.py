@@ -1,8 +1,8 @@
 """Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_attention.cpp,
 cpu_elementwise.cpp) as torch ops.
 
-The source is compiled once per machine with the system C++ compiler against the installed torch
-(about 10 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
+The sources are compiled once per machine with the system C++ compiler against the installed
+torch (10-30 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
 the source, torch's version and the flags; later processes only load the cached library. Where
 the kernels cannot run (not x86 with AVX2/FMA/F16C, no compiler, a failed build, or
 MIAOTUI_CPU_KERNELS=0) `cpu_kernels_available()` is False and callers keep torch's own kernels.
@@ -51,14 +51,17 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile_command(compiler: str, output: Path) -> list[str]:
+def _commands(compiler: str, objects: list[Path], output: Path) -> tuple[list[list[str]], list[str]]:
+    """(one compile command per source, the link command)."""
     from torch.utils import cpp_extension  # only when building: it imports setuptools
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
     lib_dirs = [flag for path in cpp_extension.library_paths() for flag in ("-L", path)]
-    return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_ARCH_FLAGS,
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, _SOURCES), "-o", str(output), *lib_dirs, *_LIBS]
+    compile_flags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", *_ARCH_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
+    compiles = [[compiler, *compile_flags, "-c", str(source), "-o", str(obj)] for source, obj in zip(_SOURCES, objects)]
+    link = [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(output), *lib_dirs, *_LIBS]
+    return compiles, link
 
 
 def _library_path(compiler: str) -> Path:
@@ -71,14 +74,23 @@ def _library_path(compiler: str) -> Path:
 
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building miaotui's CPU kernels (once per machine and torch version, about 10 s) ...")
+    logger.info("building miaotui's CPU kernels (once per machine and torch version, 10-30 s) ...")
     start = time.perf_counter()
     # Built beside the target and renamed into place: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = [Path(tmp) / f"{source.stem}.o" for source in _SOURCES]
         partial = Path(tmp) / target.name
-        done = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed:\n{done.stderr[-2000:]}")
+        compiles, link = _commands(compiler, objects, partial)
+        # The sources compile side by side (each mostly parses torch's headers), then link.
+        running = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for cmd in compiles]
+        errors = [proc.communicate()[1] for proc in running]
+        failed = [err for proc, err in zip(running, errors) if proc.returncode != 0]
+        if not failed:
+            done = subprocess.run(link, capture_output=True, text=True)
+            failed = [done.stderr] if done.returncode != 0 else []
+        if failed:
+            raise RuntimeError(f"{compiler} failed:\n{failed[0][-2000:]}")
         os.replace(partial, target)
     logger.info("built miaotui's CPU kernels in %.1f s: %s", time.perf_counter() - start, target)
 
