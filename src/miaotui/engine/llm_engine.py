@@ -19,6 +19,7 @@ from miaotui.loader import eos_token_ids, load_dummy_model, load_model, resolve_
 from miaotui.loader.dummy import dummy_hf_config
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
+from miaotui.kernels.cpu_build import load_for_device
 from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.threads import configure_threads
@@ -59,6 +60,7 @@ class LLMEngine:
         scheduler_config = scheduler_config or SchedulerConfig()
         configure_threads(model_config.threads, model_config.tensor_parallel_size)
         return_large_blocks()
+        load_for_device(model_config.device)  # CPU kernels, before any model is built
         if model_config.load_format == "dummy":
             self._load_dummy(model_config)
         else:

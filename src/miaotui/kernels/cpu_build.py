@@ -6,6 +6,8 @@ torch (10-30 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR
 the source, torch's version and the flags; later processes only load the cached library. Where
 the kernels cannot run (not x86 with AVX2/FMA/F16C, no compiler, a failed build, or
 MIAOTUI_CPU_KERNELS=0) `cpu_kernels_available()` is False and callers keep torch's own kernels.
+The loader loads them for CPU models before building one (`load_for_device`); layers then bind
+ops with `cpu_op`.
 """
 
 from __future__ import annotations
@@ -153,3 +155,18 @@ def cpu_kernels_available() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def load_for_device(device: str | torch.device) -> bool:
+    """Build (once per machine) and load the kernels when models will run on the CPU; call
+    before building a model, whose layers bind the ops at construction (`cpu_op`)."""
+    return torch.device(device).type == "cpu" and cpu_kernels_available()
+
+
+def cpu_op(name: str):
+    """torch.ops.miaotui_cpu.<name>.default once this process has loaded the kernels, else None.
+    Never builds: the loader calls `load_for_device` for models that run on the CPU, so a GPU
+    process never compiles CPU code; layers bind their ops with this at construction."""
+    if cpu_kernels_available.cache_info().currsize == 0 or not cpu_kernels_available():
+        return None
+    return getattr(torch.ops.miaotui_cpu, name).default

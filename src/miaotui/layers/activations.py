@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.kernels.cpu_build import cpu_op
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -24,7 +24,7 @@ class SiluAndMul(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._cpu_kernel = torch.ops.miaotui_cpu.silu_and_mul.default if cpu_kernels_available() else None
+        self._cpu_kernel = cpu_op("silu_and_mul")
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         if (self._cpu_kernel is not None and gate_up.dim() == 2 and gate_up.dtype is torch.float32

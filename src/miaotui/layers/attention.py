@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.kernels.cpu_build import cpu_op
 
 if TYPE_CHECKING:
     from miaotui.layers.cross_attention import CrossAttentionBatch
@@ -165,7 +165,7 @@ class PagedAttention(nn.Module):
         self.score_bias = score_bias
         self.backend = attention_backend()
         # miaotui's CPU decode kernel (kernels/cpu_attention.cpp) where it is built; bound once.
-        self._cpu_decode = torch.ops.miaotui_cpu.paged_decode_attention.default if cpu_kernels_available() else None
+        self._cpu_decode = cpu_op("paged_decode_attention")
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.kernels.cpu_build import cpu_op
 
 _FUSED_RMS_NORM = getattr(torch.nn.functional, "rms_norm", None)  # torch >= 2.4
 
@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         # miaotui's one-pass CPU kernel (kernels/cpu_attention.cpp) where it is built; bound once.
-        self._cpu_rms_norm = torch.ops.miaotui_cpu.rms_norm.default if cpu_kernels_available() else None
+        self._cpu_rms_norm = cpu_op("rms_norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self._cpu_rms_norm is not None and x.dtype is torch.float32 and x.device.type == "cpu"

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from miaotui.config import ModelConfig, env_default_model
 from miaotui.errors import ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from miaotui.kernels.cpu_build import load_for_device
 from miaotui.layers.quantized import quantization_supported, quantize_model
 from miaotui.loader import gguf as gguf_loader
 from miaotui.loader import safetensors as st_loader
@@ -87,6 +88,7 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
     # Tensor parallel: the whole model is read on the CPU and only this rank's shard moves to the
     # device, so no GPU ever holds the full model.
     device = torch.device("cpu" if config.tensor_parallel_size > 1 else config.device)
+    load_for_device(config.device)  # CPU kernels, before the layers that bind them are built
     lossy: set[str] = set()  # checkpoint matrices stored with more than 4 bits
     if source.is_gguf:
         reader = gguf_loader.open_gguf(source.path)

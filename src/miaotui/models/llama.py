@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
-from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.kernels.cpu_build import cpu_op
 from miaotui.layers.activations import SiluAndMul
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim**-0.5, _sliding_window(cfg, layer))
-        self._cpu_rotary = torch.ops.miaotui_cpu.rotary.default if cpu_kernels_available() else None
+        self._cpu_rotary = cpu_op("rotary")
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

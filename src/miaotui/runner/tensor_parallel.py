@@ -38,6 +38,7 @@ from torch import nn
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.tensor_parallel import bind_group
+from miaotui.kernels.cpu_build import load_for_device
 from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
@@ -95,6 +96,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
 
     configure_threads(model_config.threads, world)  # the cores are shared by all ranks
     return_large_blocks()
+    load_for_device(model_config.device)  # CPU kernels (built by the driver already)
     model_config = _rank_device(model_config, rank)
     step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
