@@ -35,15 +35,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * H;
       float* yr = yp + r * H;
-      __m256 acc = _mm256_setzero_ps();
+      // The sum of squares in double: within an ulp of exact at any width, as torch's cascade
+      // sum is (an 8-lane fp32 sum loses accuracy as the rows grow).
+      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
       int64_t h = 0;
       for (; h + 8 <= H; h += 8) {
         const __m256 v = _mm256_loadu_ps(xr + h);
-        acc = _mm256_fmadd_ps(v, v, acc);
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        acc_lo = _mm256_fmadd_pd(lo, lo, acc_lo);
+        acc_hi = _mm256_fmadd_pd(hi, hi, acc_hi);
       }
-      float sum = hsum(acc);
-      for (; h < H; ++h) sum += xr[h] * xr[h];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+      double lanes[4];
+      _mm256_storeu_pd(lanes, _mm256_add_pd(acc_lo, acc_hi));
+      double sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+      for (; h < H; ++h) sum += static_cast<double>(xr[h]) * xr[h];
+      const float mean = static_cast<float>(sum / static_cast<double>(H));
+      const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
       const __m256 vinv = _mm256_set1_ps(inv);
       for (h = 0; h + 8 <= H; h += 8)
         _mm256_storeu_ps(yr + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));

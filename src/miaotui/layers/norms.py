@@ -11,12 +11,13 @@ _FUSED_RMS_NORM = getattr(torch.nn.functional, "rms_norm", None)  # torch >= 2.4
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, cpu_kernel: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        # miaotui's one-pass CPU kernel (kernels/cpu_attention.cpp) where it is built; bound once.
-        self._cpu_rms_norm = cpu_op("rms_norm")
+        # miaotui's one-pass CPU kernel (kernels/cpu_elementwise.cpp) where it is built, bound
+        # once. It is as accurate as torch's ops but rounds differently in the last bit.
+        self._cpu_rms_norm = cpu_op("rms_norm") if cpu_kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self._cpu_rms_norm is not None and x.dtype is torch.float32 and x.device.type == "cpu"
