@@ -47,7 +47,8 @@ def test_matches_reference(kv_heads, heads, window):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.skipif(not cpu_kernels_available(), reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
+@pytest.mark.skipif(not cpu_kernels_available(),
+                    reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
 @pytest.mark.parametrize("kv_heads,heads,dim", [(4, 4, 16), (2, 6, 16), (1, 8, 64), (3, 9, 64)])
 @pytest.mark.parametrize("mixed", [True, False])
 def test_cpu_decode_kernel_matches_reference(kv_heads, heads, dim, mixed):

@@ -75,7 +75,8 @@ def test_q4_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows, fp16):
 
 def test_q4_blocks_keep_every_weight_exactly():
     gen = torch.Generator().manual_seed(3)
-    for weight, fp16 in ((_gguf_like_q4_1(33, 64, gen), True), (quantize_int4(torch.randn(33, 64, generator=gen)), False)):
+    cases = ((_gguf_like_q4_1(33, 64, gen), True), (quantize_int4(torch.randn(33, 64, generator=gen)), False))
+    for weight, fp16 in cases:
         blocks, is_fp16 = pack_q4_blocks(weight)
         assert is_fp16 is fp16
         w = weight.dequantized()

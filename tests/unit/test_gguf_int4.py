@@ -58,8 +58,8 @@ def test_unpack_rejects_other_formats():
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
 def test_torch_int4_kernel_matches_the_fp32_matmul_of_the_files_weights(kind):
-    """Torch's kernel (the fallback where miaotui's own does not build) meets bf16 activations with bf16 scales and zeros and rounds its output to bf16.
-    Each rounding is at most 2^-9 relative (8-bit significand, round to nearest), so per output
+    """Torch's kernel (the fallback where miaotui's own does not build) meets bf16 activations
+    with bf16 scales and zeros and rounds its output to bf16. Each rounding is at most 2^-9 relative (8-bit significand, round to nearest), so per output
     |y - x W^T| <= 2^-9 * (|x| |W|^T + |x| (8 |scale| + |zero|)^T + |y|) with fp32 accumulation
     adding nothing measurable; the test allows 1.5x that."""
     rng = np.random.default_rng(1)

@@ -34,7 +34,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "paged_decode_attention: head sizes do not match (D a multiple of 8, H a multiple of KVH)");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
               block_tables.is_contiguous() && seq_lens.numel() == B && seq_lens.scalar_type() == at::kLong &&
-              seq_lens.is_contiguous(), "paged_decode_attention: block_tables [B, nb] and seq_lens [B] must be int64");
+              seq_lens.is_contiguous(),
+              "paged_decode_attention: block_tables [B, nb] and seq_lens [B] must be int64");
   const int64_t nb = block_tables.size(1), G = H / KVH;
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
@@ -62,7 +63,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t g = 0; g < G; ++g) {
           const float* qh = qp + (b * H + kvh * G + g) * D;
           __m256 acc = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), acc);
+          for (int64_t d = 0; d < D; d += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), acc);
           probs[g * Lp + t] = hsum(acc) * fscale;
         }
       }

@@ -60,8 +60,10 @@ def _commands(compiler: str, objects: list[Path], output: Path) -> tuple[list[li
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
     lib_dirs = [flag for path in cpp_extension.library_paths() for flag in ("-L", path)]
-    compile_flags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", *_ARCH_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
-    compiles = [[compiler, *compile_flags, "-c", str(source), "-o", str(obj)] for source, obj in zip(_SOURCES, objects)]
+    compile_flags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", *_ARCH_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                     *includes]
+    compiles = [[compiler, *compile_flags, "-c", str(source), "-o", str(obj)]
+                for source, obj in zip(_SOURCES, objects)]
     link = [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(output), *lib_dirs, *_LIBS]
     return compiles, link
 

@@ -41,7 +41,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
       int64_t h = 0;
       for (; h + 8 <= H; h += 8) {
         const __m256 v = _mm256_loadu_ps(xr + h);
-        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
         acc_lo = _mm256_fmadd_pd(lo, lo, acc_lo);
         acc_hi = _mm256_fmadd_pd(hi, hi, acc_hi);
       }
@@ -53,7 +54,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
       const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
       const __m256 vinv = _mm256_set1_ps(inv);
       for (h = 0; h + 8 <= H; h += 8)
-        _mm256_storeu_ps(yr + h, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));
+        _mm256_storeu_ps(yr + h,
+                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + h), vinv), _mm256_loadu_ps(wp + h)));
       for (; h < H; ++h) yr[h] = xr[h] * inv * wp[h];
     }
   });
@@ -68,7 +70,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
               x.stride(1) == x.size(2), "rotary: x must be fp32 CPU [T, H, D] with contiguous heads");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
   TORCH_CHECK(D % 2 == 0 && cos.is_contiguous() && signed_sin.is_contiguous() && cos.numel() == T * D &&
-              signed_sin.numel() == T * D && cos.scalar_type() == at::kFloat && signed_sin.scalar_type() == at::kFloat,
+              signed_sin.numel() == T * D && cos.scalar_type() == at::kFloat &&
+              signed_sin.scalar_type() == at::kFloat,
               "rotary: cos and signed_sin must be contiguous fp32 [T, 1, D] for an even D");
   at::Tensor out = at::empty({T, H, D}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -104,7 +107,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // split, a silu and a product. silu(g) = g / (1 + exp(-g)).
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous() &&
-              gate_up.is_cpu() && gate_up.size(1) % 2 == 0, "silu_and_mul: gate_up must be contiguous fp32 CPU [T, 2I]");
+              gate_up.is_cpu() && gate_up.size(1) % 2 == 0,
+              "silu_and_mul: gate_up must be contiguous fp32 CPU [T, 2I]");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();

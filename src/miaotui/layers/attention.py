@@ -214,7 +214,8 @@ def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
     seq_lens = meta.seq_lens.index_select(0, rows).to(torch.int64)[:, None]
     valid = pos[None, :] < seq_lens
     token_idx = torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=dev)
-    return DecodeBatch(token_idx, tables.to(torch.int64).contiguous().view(-1), valid[:, None, None, :], others, seq_lens)
+    blocks = tables.to(torch.int64).contiguous().view(-1)  # contiguous: the CPU decode kernel reads it flat
+    return DecodeBatch(token_idx, blocks, valid[:, None, None, :], others, seq_lens)
 
 
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -1,5 +1,5 @@
-"""Weight-only quantized linear layers on torch's low-bit CPU kernels, and the model pass that
-swaps them in.
+"""Weight-only quantized linear layers on low-bit CPU kernels (miaotui's own, else torch's), and
+the model pass that swaps them in.
 
 - int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), on
   one of two kernels:
@@ -10,12 +10,14 @@ swaps them in.
   - "torch", the fallback: packed by `_convert_weight_to_int4pack_for_cpu`, multiplied by
     `_weight_int4pack_mm_for_cpu` with bf16 activations; from DENSE_MIN_ROWS rows (a prompt)
     dequantized and multiplied in fp32 (layers/int4_unpack.py).
-- int8: one symmetric scale per output row, multiplied by `_weight_int8pack_mm`.
+- int8: one symmetric scale per output row, multiplied by miaotui's "q8" kernel (fp32
+  activations) or, as the fallback, by `_weight_int8pack_mm`.
 
-Both kernels run far faster with bf16 activations than fp32 ones on CPU (measured on a 2-core
-AVX2 machine, all matmuls of a SmolLM2-135M decode step: int4 8.9 ms with bf16 activations vs
-125 ms with fp32), so activations are cast to bf16 around the matmul and back; the rest of the
-model keeps its dtype (except on the "q4" int4 kernel, which takes fp32 as it is). The head (logits) is quantized to int8, never int4: it decides every token.
+Torch's two kernels run far faster with bf16 activations than fp32 ones on CPU (measured on a
+2-core AVX2 machine, all matmuls of a SmolLM2-135M decode step: int4 8.9 ms with bf16
+activations vs 125 ms with fp32), so on them activations are cast to bf16 around the matmul and
+back; the rest of the model keeps its dtype. The head (logits) is quantized to int8, never int4:
+it decides every token.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ logger = logging.getLogger("miaotui")
 _ACT_DTYPE = torch.bfloat16
 # From this many rows an int4 matmul dequantizes and runs dense (measured crossover ~64-128 rows).
 DENSE_MIN_ROWS = 96
-# The same for miaotui's q4 kernel, whose cost also grows with the rows but which dequantizes
-# in C++ (measured crossover on the same machine: see Int4Linear._product).
+# The same for miaotui's q4 kernel, whose cost also grows with the rows: a dense GEMM after its
+# C++ dequantization wins from about 20-30 rows (measured on the same machine).
 Q4_DENSE_MIN_ROWS = 32
 # The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
 # overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
