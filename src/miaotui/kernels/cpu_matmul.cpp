@@ -1,6 +1,6 @@
 // Weight-only matmuls for x86 with AVX2 + FMA + F16C, registered as torch ops miaotui_cpu::q4_linear,
-// q4_dequantize (4-bit weights) and q8_linear (int8 weights, a scale per row). Built with
-// cpu_attention.cpp into one library by kernels/cpu_build.py.
+// q4_dequantize (4-bit weights) and q8_linear (int8 weights, a scale per row). Built with the
+// other cpu_*.cpp sources into one library by kernels/cpu_build.py.
 //
 // Layout ("q4 blocks", made by layers/int4_blocks.py): a weight [N, K] is N rows of K / 32
 // blocks; a block is the scale d, the offset m (both fp16, or both fp32 where fp16 would not hold
@@ -56,9 +56,11 @@ inline void dequant_block(const uint8_t* block, __m256 w[4]) {
   w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
 }
 
-// R activation rows (x, row stride K) against one weight row: y[r * ldy] = x[r] . w.
-template <typename S, int R>
-inline void rows_dot(const float* x, int64_t K, const uint8_t* row, float* y, int64_t ldy) {
+// R activation rows (x, row stride K) against one weight row whose K / 32 groups of 32 weights
+// `load(g, w)` yields as floats (w[0..3]: elements 0-7, 8-15, 16-23, 24-31):
+// y[r * ldy] = scale * (x[r] . w).
+template <int R, typename Load>
+inline void rows_dot(const float* x, int64_t K, const Load& load, float scale, float* y, int64_t ldy) {
   // Accumulators per activation row: enough independent FMA chains to hide FMA latency, few
   // enough to keep the tile in the 16 vector registers.
   constexpr int A = R == 1 ? 4 : (R <= 4 ? 2 : 1);
@@ -67,7 +69,7 @@ inline void rows_dot(const float* x, int64_t K, const uint8_t* row, float* y, in
     for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / 32; ++g) {
     __m256 w[4];
-    dequant_block<S>(row + g * block_bytes<S>(), w);
+    load(g, w);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * K + g * 32;
       for (int c = 0; c < 4; ++c) acc[r][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xr + 8 * c), acc[r][c % A]);
@@ -76,7 +78,7 @@ inline void rows_dot(const float* x, int64_t K, const uint8_t* row, float* y, in
   for (int r = 0; r < R; ++r) {
     __m256 s = acc[r][0];
     for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
-    y[r * ldy] = hsum(s);
+    y[r * ldy] = scale * hsum(s);
   }
 }
 
@@ -113,7 +115,9 @@ struct Q4Dot {
   int64_t N;
   template <int R>
   void run(int64_t r, int64_t n) const {
-    rows_dot<S, R>(x + r * K, K, blocks + n * (K / 32 * block_bytes<S>()), y + r * N + n, N);
+    const uint8_t* row = blocks + n * (K / 32 * block_bytes<S>());
+    rows_dot<R>(x + r * K, K, [row](int64_t g, __m256 w[4]) { dequant_block<S>(row + g * block_bytes<S>(), w); },
+                1.0f, y + r * N + n, N);
   }
 };
 
@@ -196,29 +200,14 @@ void dequantize_rows(const uint8_t* blocks, int64_t N, int64_t K, float* w) {
   });
 }
 
-// int8 weights with one scale per output row: y[r, n] = scale[n] * (x[r] . q[n]), products in fp32.
-template <int R>
-inline void rows_dot_q8(const float* x, int64_t K, const int8_t* q, float scale, float* y, int64_t ldy) {
-  constexpr int A = R == 1 ? 4 : (R <= 4 ? 2 : 1);
-  __m256 acc[R][A];
-  for (int r = 0; r < R; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
-    const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16));
-    const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0)),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)))};
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c)
-        acc[r][c % A] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + r * K + k + 8 * c), acc[r][c % A]);
-  }
-  for (int r = 0; r < R; ++r) {
-    __m256 s = acc[r][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
-    y[r * ldy] = scale * hsum(s);
-  }
+// int8 weights with one scale per output row: the 32 weights of group g of a row, as floats.
+inline void int8_group(const int8_t* row, int64_t g, __m256 w[4]) {
+  const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32));
+  const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16));
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
 }
 
 struct Q8Dot {
@@ -229,7 +218,10 @@ struct Q8Dot {
   float* y;
   int64_t N;
   template <int R>
-  void run(int64_t r, int64_t n) const { rows_dot_q8<R>(x + r * K, K, q + n * K, scales[n], y + r * N + n, N); }
+  void run(int64_t r, int64_t n) const {
+    const int8_t* row = q + n * K;
+    rows_dot<R>(x + r * K, K, [row](int64_t g, __m256 w[4]) { int8_group(row, g, w); }, scales[n], y + r * N + n, N);
+  }
 };
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {

@@ -39,8 +39,8 @@ logger = logging.getLogger("miaotui")
 _ACT_DTYPE = torch.bfloat16
 # From this many rows an int4 matmul dequantizes and runs dense (measured crossover ~64-128 rows).
 DENSE_MIN_ROWS = 96
-# The same for miaotui's q4 kernel, whose cost also grows with the rows: a dense GEMM after its
-# C++ dequantization wins from about 20-30 rows (measured on the same machine).
+# The same for miaotui's q4 and q8 kernels, whose cost also grows with the rows: a dense GEMM
+# after the C++ dequantization wins from about 20-30 rows (measured on the same machine, q4).
 Q4_DENSE_MIN_ROWS = 32
 # The kernels' OpOverloads, bound once: calling through `torch.ops.aten.<name>` resolves the
 # overload on every call (~25 us, a tenth of a batch-1 decode step over 120 matmuls).
@@ -60,9 +60,12 @@ def quantization_supported(mode: str) -> bool:
 
 
 class _WeightOnlyLinear(nn.Module):
-    """y = x W^T + b with W stored low-bit: activations go to bf16 for the kernel and back."""
+    """y = x W^T + b with W stored low-bit. On miaotui's kernels (`own_kernel`) fp32 rows go in
+    as they are, and a prompt-sized step (Q4_DENSE_MIN_ROWS rows or more) dequantizes the weight
+    once for one dense fp32 GEMM; on torch's, activations go to bf16 for the kernel and back."""
 
     out_features: int
+    own_kernel: bool
 
     def __init__(self, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -71,11 +74,22 @@ class _WeightOnlyLinear(nn.Module):
     def set_bias(self, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] bf16 -> [M, N] bf16
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # torch's kernel: [M, K] bf16 -> [M, N] bf16
+        raise NotImplementedError
+
+    def _own_matmul(self, x32: torch.Tensor) -> torch.Tensor:  # miaotui's: [M, K] fp32 -> [M, N] fp32
+        raise NotImplementedError
+
+    def _dense_weight(self) -> torch.Tensor:  # [N, K] fp32, for prompt-sized steps on miaotui's kernels
         raise NotImplementedError
 
     def _product(self, x2d: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N], in x2d's dtype
-        return self._matmul(x2d.to(_ACT_DTYPE)).to(x2d.dtype)
+        if not self.own_kernel:
+            return self._matmul(x2d.to(_ACT_DTYPE)).to(x2d.dtype)
+        x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
+        if x32.shape[0] >= Q4_DENSE_MIN_ROWS:
+            return torch.nn.functional.linear(x32, self._dense_weight()).to(x2d.dtype)
+        return self._own_matmul(x32).to(x2d.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # the models' flat [T, K] batches: no reshapes around the kernel
@@ -97,14 +111,16 @@ class Int8Linear(_WeightOnlyLinear):
                  kernel: str | None = None) -> None:
         super().__init__(bias)
         self.out_features, self.in_features = weight.shape
-        self.kernel = kernel or ("q8" if cpu_kernels_available() and self.in_features % 32 == 0 else "torch")
+        q8_runs = self.in_features % 32 == 0 and cpu_kernels_available()
+        self.kernel = kernel or ("q8" if q8_runs else "torch")
         if self.kernel not in ("q8", "torch"):
             raise ValueError(f"int8 kernel: must be q8 or torch, got {self.kernel!r}")
-        if self.kernel == "q8" and not (cpu_kernels_available() and self.in_features % 32 == 0):
+        if self.kernel == "q8" and not q8_runs:
             raise ValueError("int8 kernel q8: needs miaotui's CPU kernels and in_features a multiple of 32")
+        self.own_kernel = self.kernel == "q8"
         self.register_buffer("qweight", torch.empty(self.out_features, self.in_features, dtype=torch.int8))
         # Scales are bf16-rounded either way; the q8 kernel reads them as fp32 (the same values).
-        scale_dtype = torch.float32 if self.kernel == "q8" else _ACT_DTYPE
+        scale_dtype = torch.float32 if self.own_kernel else _ACT_DTYPE
         self.register_buffer("scales", torch.empty(self.out_features, dtype=scale_dtype))
         for start in range(0, self.out_features, self._ROWS_PER_BLOCK):
             stop = min(start + self._ROWS_PER_BLOCK, self.out_features)
@@ -114,7 +130,7 @@ class Int8Linear(_WeightOnlyLinear):
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(_ACT_DTYPE)
             self.qweight[start:stop] = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
             self.scales[start:stop] = scale
-        self._q8_linear = torch.ops.miaotui_cpu.q8_linear.default if self.kernel == "q8" else None
+        self._q8_linear = torch.ops.miaotui_cpu.q8_linear.default if self.own_kernel else None
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -122,13 +138,11 @@ class Int8Linear(_WeightOnlyLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT8_MM(x2d, self.qweight, self.scales)
 
-    def _product(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch":
-            return super()._product(x2d)
-        x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
-        if x32.shape[0] >= Q4_DENSE_MIN_ROWS:  # a prompt: one dense GEMM amortises the dequantization
-            return torch.nn.functional.linear(x32, self.dequantized()).to(x2d.dtype)
-        return self._q8_linear(x32, self.qweight, self.scales).to(x2d.dtype)
+    def _own_matmul(self, x32: torch.Tensor) -> torch.Tensor:
+        return self._q8_linear(x32, self.qweight, self.scales)
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self.dequantized()
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -142,9 +156,11 @@ class Int4Linear(_WeightOnlyLinear):
             weight = quantize_int4(weight)
         n, k = weight.shape
         self.out_features, self.in_features, self.group_size = n, k, INT4_GROUP
-        self.kernel = kernel or ("q4" if cpu_kernels_available() else "torch")
-        if self.kernel == "q4":
-            if not cpu_kernels_available():
+        q4_runs = cpu_kernels_available()
+        self.kernel = kernel or ("q4" if q4_runs else "torch")
+        self.own_kernel = self.kernel == "q4"
+        if self.own_kernel:
+            if not q4_runs:
                 raise ValueError("int4 kernel q4: miaotui's CPU kernels are not available here (see the log)")
             blocks, self.fp16_scales = pack_q4_blocks(weight)
             self.register_buffer("blocks", blocks)
@@ -164,15 +180,16 @@ class Int4Linear(_WeightOnlyLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return _INT4_MM(x2d, self.qweight, self.group_size, self.scales_and_zeros)
 
+    def _own_matmul(self, x32: torch.Tensor) -> torch.Tensor:
+        return self._q4_linear(x32, self.blocks, self.fp16_scales)
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self._q4_dequantize(self.blocks, self.in_features, self.fp16_scales)
+
     def _product(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "q4":
-            x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
-            if x32.shape[0] >= Q4_DENSE_MIN_ROWS:
-                w = self._q4_dequantize(self.blocks, self.in_features, self.fp16_scales)
-                return torch.nn.functional.linear(x32, w).to(x2d.dtype)
-            return self._q4_linear(x32, self.blocks, self.fp16_scales).to(x2d.dtype)
-        # A prompt-sized step: dequantize once and multiply densely in fp32 (see int4_unpack).
-        if self.dense_block and x2d.shape[0] >= DENSE_MIN_ROWS:
+        # On torch's kernel, a prompt-sized step: dequantize once and multiply densely in fp32
+        # (see int4_unpack).
+        if not self.own_kernel and self.dense_block and x2d.shape[0] >= DENSE_MIN_ROWS:
             w_t = dequantize_packed_t(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,
                                       self.dense_block)
             return torch.matmul(x2d.float(), w_t).to(x2d.dtype)
