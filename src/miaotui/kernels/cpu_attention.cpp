@@ -9,12 +9,10 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "cpu_ops.h"
 #include "cpu_simd.h"
 
-namespace {
-
-using miaotui_cpu::exp8;
-using miaotui_cpu::hsum;
+namespace miaotui_cpu {
 
 // Decode attention straight from the paged cache: one query token per sequence, causal over its
 // seq_len cached tokens, fp32 throughout (scores, an exact two-pass softmax, the weighted sum).
@@ -98,7 +96,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
+}  // namespace miaotui_cpu
 
 TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
   lib.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -106,5 +104,5 @@ TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
-  lib.impl("paged_decode_attention", &paged_decode_attention);
+  lib.impl("paged_decode_attention", &miaotui_cpu::paged_decode_attention);
 }

@@ -10,12 +10,10 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "cpu_ops.h"
 #include "cpu_simd.h"
 
-namespace {
-
-using miaotui_cpu::exp8;
-using miaotui_cpu::hsum;
+namespace miaotui_cpu {
 
 // RMSNorm of fp32 rows, y = x * rsqrt(mean(x^2) + eps) * weight, in one pass per row: torch's CPU
 // rms_norm runs as about six kernels (~60 us a call at hidden size 576 on 2 AVX2 cores).
@@ -131,7 +129,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace miaotui_cpu
 
 TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
   lib.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -140,7 +138,7 @@ TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
-  lib.impl("rms_norm", &rms_norm);
-  lib.impl("rotary", &rotary);
-  lib.impl("silu_and_mul", &silu_and_mul);
+  lib.impl("rms_norm", &miaotui_cpu::rms_norm);
+  lib.impl("rotary", &miaotui_cpu::rotary);
+  lib.impl("silu_and_mul", &miaotui_cpu::silu_and_mul);
 }

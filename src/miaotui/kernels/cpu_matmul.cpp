@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_ops.h"
 #include "cpu_simd.h"
 
 namespace {
@@ -224,6 +225,10 @@ struct Q8Dot {
   }
 };
 
+}  // namespace
+
+namespace miaotui_cpu {
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "q8_linear: x must be a contiguous fp32 CPU [M, K] tensor");
@@ -239,6 +244,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+namespace {
+
 void check_blocks(const at::Tensor& blocks, int64_t K, bool fp16_scales) {
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.is_cpu(),
               "q4 blocks: must be a contiguous CPU uint8 [N, K / 32 * block bytes] tensor");
@@ -247,6 +254,8 @@ void check_blocks(const at::Tensor& blocks, int64_t K, bool fp16_scales) {
   TORCH_CHECK(blocks.size(1) == K / 32 * per_block, "q4 blocks: ", blocks.size(1), " bytes per row do not fit ",
               K, " in_features");
 }
+
+}  // namespace
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
@@ -275,7 +284,7 @@ at::Tensor q4_dequantize(const at::Tensor& blocks, int64_t K, bool fp16_scales) 
   return w;
 }
 
-}  // namespace
+}  // namespace miaotui_cpu
 
 TORCH_LIBRARY(miaotui_cpu, lib) {
   lib.def("q4_linear(Tensor x, Tensor blocks, bool fp16_scales) -> Tensor");
@@ -284,7 +293,7 @@ TORCH_LIBRARY(miaotui_cpu, lib) {
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
-  lib.impl("q4_linear", &q4_linear);
-  lib.impl("q4_dequantize", &q4_dequantize);
-  lib.impl("q8_linear", &q8_linear);
+  lib.impl("q4_linear", &miaotui_cpu::q4_linear);
+  lib.impl("q4_dequantize", &miaotui_cpu::q4_dequantize);
+  lib.impl("q8_linear", &miaotui_cpu::q8_linear);
 }

@@ -23,6 +23,7 @@ from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
 from miaotui.layers.tensor_parallel import (RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                                             column_parallel, shard_slice)
 from miaotui.models.base import CausalLMHead
+from miaotui.models.decode_stack import DecodeStack
 from miaotui.models.weights import WeightSink
 
 
@@ -117,6 +118,8 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
         head_dim = self.model.layers[0].self_attn.head_dim
         with torch.device("cpu"):  # a real buffer even when the model is built on "meta"
             self.rotary = RotaryEmbedding(cfg, head_dim)
+        # Decode-only CPU steps in one kernel call where every layer allows it (models/decode_stack.py).
+        self.decode_stack: DecodeStack | None = DecodeStack(self.model.layers, cfg.rms_norm_eps)
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -128,6 +131,9 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        stacked = self.decode_stack(h, cos, sin, meta) if self.decode_stack is not None else None
+        if stacked is not None:
+            return self.model.norm(stacked)
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta)
         return self.model.norm(h)
@@ -161,6 +167,7 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
         self.lm_head = VocabParallelHead(head, self.config.vocab_size, rank, world)
         self.model.embed_tokens = VocabParallelEmbedding(self.model.embed_tokens, rank, world)
         self.tie_word_embeddings = False  # each rank's head slice is its own parameter now
+        self.decode_stack = None  # the kernel has no all-reduce between a layer's halves
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Take Hugging Face-named tensors; fuse Q/K/V and gate/up into their shared parameters."""

@@ -52,6 +52,8 @@ class CompiledDecode:
         self._eager = type(blocks[0]).forward
         self._compiled = None  # made at the first decode step: torch.compile imports its stack (~3 s)
         self._seen: set[bool] = set()  # batch 1 / batch > 1: each traces its own graph once
+        if getattr(model, "decode_stack", None) is not None:
+            model.decode_stack = None  # the compiled blocks take the decode steps instead
         for block in blocks:
             # An instance attribute: nn.Module.__call__ finds it before the class's forward.
             block.forward = functools.partial(self._call, block)

@@ -1,0 +1,115 @@
+"""The decode stack kernel (models/decode_stack.py, kernels/cpu_decode_stack.cpp): a decode-only
+step's hidden states are bit for bit those of the model's own layers, for 4-bit and int8
+weights, a Q/K/V bias (Qwen2) and batches that mix decodes with prompt chunks; models or steps
+it does not serve fall back to the layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miaotui import LLM, SamplingParams
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from tests.conftest import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(),
+                                reason="miaotui's CPU kernels do not build here (needs x86 AVX2 and a C++ compiler)")
+
+
+class _Checked:
+    """Wraps a model's DecodeStack: every step it serves is run again through the layers, and
+    the two must be equal to the bit. Counts the steps it served and those it declined."""
+
+    def __init__(self, model) -> None:
+        self.model, self.stack = model, model.decode_stack
+        self.served = self.declined = 0
+
+    def __call__(self, h, cos, sin, meta):
+        out = self.stack(h, cos, sin, meta)
+        if out is None:
+            self.declined += 1
+            return None
+        self.served += 1
+        eager = h
+        for layer in self.model.model.layers:  # writes the same K/V again: identical values
+            eager = layer(eager, cos, sin, meta)
+        assert torch.equal(out, eager), (out - eager).abs().max()
+        return out
+
+
+def _run(folder, tokenizer, quantization: str, prompts: int = 3, max_tokens: int = 6, **llm_args):
+    llm = LLM(str(folder), tokenizer=tokenizer, block_size=4, num_kv_blocks=128, quantization=quantization,
+              **llm_args)
+    model = llm.engine.runner.model
+    checked = _Checked(model)
+    model.decode_stack = checked
+    g = torch.Generator().manual_seed(3)
+    batch = [{"prompt_token_ids": torch.randint(20, 256, (5 + 7 * i,), generator=g).tolist()} for i in range(prompts)]
+    # Staggered lengths: the first steps mix prompt chunks with decodes (declined), later ones are pure decodes.
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens + 3 * i, ignore_eos=True) for i in range(prompts)]
+    outs = llm.generate(batch, params, use_tqdm=False)
+    return checked, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch,quantization", [("llama", "int4"), ("llama", "int8"), ("qwen2", "int4")])
+def test_stack_equals_layers_bit_for_bit(tmp_path, embedded_gguf, arch, quantization):
+    folder, _ = make_tiny_checkpoint(tmp_path / arch, arch)
+    checked, tokens = _run(folder, embedded_gguf, quantization)
+    assert checked.served >= 6 and checked.stack.enabled
+    assert all(len(t) == 6 + 3 * i for i, t in enumerate(tokens))
+
+
+def test_stack_gives_the_layers_tokens(tmp_path, embedded_gguf):
+    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    _, with_stack = _run(folder, embedded_gguf, "int4")
+    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=128, quantization="int4")
+    llm.engine.runner.model.decode_stack = None
+    g = torch.Generator().manual_seed(3)
+    batch = [{"prompt_token_ids": torch.randint(20, 256, (5 + 7 * i,), generator=g).tolist()} for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(3)]
+    without = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+    assert with_stack == without
+
+
+def test_unquantized_and_windowed_models_keep_their_layers(tmp_path, embedded_gguf):
+    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    checked, _ = _run(folder, embedded_gguf, "none")  # dense fp32 projections: not the kernel's
+    assert checked.served == 0 and checked.declined > 0 and not checked.stack.enabled
+    folder, _ = make_tiny_checkpoint(tmp_path / "mistral", "mistral", sliding_window=8)
+    checked, _ = _run(folder, embedded_gguf, "int4")
+    assert checked.served == 0 and not checked.stack.enabled
+
+
+def test_torch_int4_kernel_keeps_the_layers(tmp_path, embedded_gguf, monkeypatch):
+    from miaotui.layers import quantized
+
+    if not quantized.quantization_supported("int4"):
+        pytest.skip(f"torch {torch.__version__} has no int4 CPU kernel")
+    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    original = quantized.Int4Linear.__init__
+    monkeypatch.setattr(quantized.Int4Linear, "__init__",
+                        lambda self, weight, bias, kernel=None: original(self, weight, bias, "torch"))
+    checked, _ = _run(folder, embedded_gguf, "int4")
+    assert checked.served == 0 and not checked.stack.enabled
+
+
+def test_compile_decode_turns_the_stack_off(tmp_path, embedded_gguf):
+    from miaotui.config import ModelConfig
+    from miaotui.loader import load_model, resolve_model
+    from miaotui.runner.compiled_decode import CompiledDecode
+
+    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    model, _ = load_model(resolve_model(str(folder)), ModelConfig(model=str(folder)))
+    assert model.decode_stack is not None
+    CompiledDecode(model)
+    assert model.decode_stack is None
+
+
+def test_stack_refuses_mismatched_inputs():
+    op = torch.ops.miaotui_cpu.decode_stack.default
+    h = torch.zeros(1, 64)
+    cos = torch.ones(1, 1, 16)
+    with pytest.raises(RuntimeError, match="weights and one K and one V cache per layer"):
+        op(h, cos, cos, [torch.zeros(1)], [torch.zeros(4, 4, 2, 16)], [torch.zeros(4, 4, 2, 16)],
+           torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
+           torch.ones(1, dtype=torch.int64), 4, 2, 0.25, 1e-5)
