@@ -49,10 +49,12 @@ def test_matches_reference(kv_heads, heads, window):
 
 @pytest.mark.skipif(not cpu_kernels_available(),
                     reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
-@pytest.mark.parametrize("kv_heads,heads,dim", [(4, 4, 16), (2, 6, 16), (1, 8, 64), (3, 9, 64)])
+@pytest.mark.parametrize("kv_heads,heads,dim", [(4, 4, 16), (2, 6, 16), (1, 8, 64), (3, 9, 64), (2, 4, 96)])
 @pytest.mark.parametrize("mixed", [True, False])
 def test_cpu_decode_kernel_matches_reference(kv_heads, heads, dim, mixed):
-    """miaotui's paged decode kernel reads K/V in place and runs its own exp: fp32 to 1e-5."""
+    """miaotui's paged decode kernel reads K/V in place and runs its own exp: fp32 to 1e-5. Few
+    (sequence, KV head) pairs split into one task per query head; D = 96 is one 64-wide register
+    block and a rest."""
     seqs = [(5, 1), (16, 1), (17, 1), (1, 1), (40, 1), (300, 1)] + ([(9, 4), (33, 33)] if mixed else [])
     query, k_cache, v_cache, meta = _batch(seqs, 8, 96, kv_heads, heads, dim, seed=kv_heads + heads + dim)
     query = query * 3  # peaked softmaxes as well as flat ones

@@ -46,27 +46,43 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  // One task per (sequence, KV head): its G query heads share every K and V row it reads.
-  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+  // One task per (sequence, KV head): its G query heads share every K and V row it reads. With
+  // fewer such tasks than a few per thread (a batch-1 step has KVH of them, 3 for SmolLM2 on
+  // 2 threads), a task is one query head instead, so no thread idles for a third of the step.
+  const int64_t slices = B * KVH >= 4 * at::get_num_threads() ? 1 : G, per_slice = G / slices;
+  at::parallel_for(0, B * KVH * slices, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> probs;
+    std::vector<int64_t> offsets;  // token t's K (and V) row of this KV head, from the cache start
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / KVH, kvh = task % KVH, L = lens[b];
-      const int64_t Lp = (L + 7) / 8 * 8;
-      probs.assign(G * Lp, -INFINITY);
-      auto row = [&](const float* cache, int64_t t) {
-        return cache + ((tables[b * nb + t / BS] * BS + t % BS) * KVH + kvh) * D;
-      };
-      for (int64_t t = 0; t < L; ++t) {
-        const float* k = row(kp, t);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qh = qp + (b * H + kvh * G + g) * D;
+      const int64_t b = task / (KVH * slices), kvh = task / slices % KVH, g0 = task % slices * per_slice;
+      const int64_t L = lens[b], Lp = (L + 7) / 8 * 8;
+      probs.assign(per_slice * Lp, -INFINITY);
+      offsets.resize(L);
+      for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
+        for (int64_t i = 0, base = (tables[b * nb + j] * BS * KVH + kvh) * D; i < BS && t < L; ++i, ++t)
+          offsets[t] = base + i * KVH * D;
+      auto row = [&](const float* cache, int64_t t) { return cache + offsets[t]; };
+      for (int64_t g = 0; g < per_slice; ++g) {
+        const float* qh = qp + (b * H + kvh * G + g0 + g) * D;
+        float* scores = probs.data() + g * Lp;
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {  // 8 tokens: 8 independent FMA chains, one 8-score store
+          __m256 acc[8];
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(qh + d);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row(kp, t + i) + d), acc[i]);
+          }
+          _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(fscale)));
+        }
+        for (; t < L; ++t) {
           __m256 acc = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), acc);
-          probs[g * Lp + t] = hsum(acc) * fscale;
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(row(kp, t) + d), acc);
+          scores[t] = hsum(acc) * fscale;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < per_slice; ++g) {
         float* p = probs.data() + g * Lp;
         __m256 vmax = _mm256_set1_ps(-INFINITY);
         for (int64_t t = 0; t < Lp; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + t));
@@ -82,12 +98,24 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t t = L; t < Lp; ++t) p[t] = 0.0f;
         for (int64_t t = 0; t < Lp; t += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(p + t));
         const float inv = 1.0f / hsum(vsum);
-        float* o = op + (b * H + kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-        for (int64_t t = 0; t < L; ++t) {
+        float* o = op + (b * H + kvh * G + g0 + g) * D;
+        // The weighted sum of V rows, 64 dimensions at a time in registers (then any rest).
+        int64_t d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) {
+          __m256 acc[8];
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+          for (int64_t t = 0; t < L; ++t) {
+            const __m256 w = _mm256_set1_ps(p[t] * inv);
+            const float* v = row(vp, t) + d0;
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+          }
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+        }
+        for (int64_t d = d0; d < D; ++d) o[d] = 0.0f;
+        for (int64_t t = 0; d0 < D && t < L; ++t) {
           const __m256 w = _mm256_set1_ps(p[t] * inv);
           const float* v = row(vp, t);
-          for (int64_t d = 0; d < D; d += 8)
+          for (int64_t d = d0; d < D; d += 8)
             _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
         }
       }

@@ -13,6 +13,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The lane sums of 8 vectors as one vector: lane i holds the sum of v[i]'s 8 lanes.
+inline __m256 hsum8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a = [v0..v3 low-half sums | v0..v3 high-half sums], b likewise for v4..v7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 // exp of 8 floats: Cody-Waite reduction x = n ln2 + r and Cephes' degree-6 polynomial for
 // exp(r) (within 2 ulp of expf); inputs below -87.3 give ~1e-38 instead of a denormal.
 inline __m256 exp8(__m256 x) {
