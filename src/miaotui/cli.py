@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from miaotui.config import LOAD_FORMATS, QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.errors import MiaotuiError
 from miaotui.outputs import RequestOutput
@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: a share of free memory)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache dtype (CPU): auto (default) is the model's; float16 halves an fp32 "
+                        "model's cache, K/V rounded to fp16 when written, attention still in fp32")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weight-only quantization (CPU): int4 (groups of 32) or int8 per channel, "
                         "activations meeting the weights in bf16; none: dense --dtype weights (the "
@@ -69,7 +72,7 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
                         max_model_len=args.max_model_len, quantization=args.quantization,
                         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
                         threads=args.threads, compile_decode=args.compile_decode),
-            CacheConfig(kv_cache_memory_gib=args.kv_cache_memory))
+            CacheConfig(kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype))
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:

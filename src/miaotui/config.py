@@ -96,15 +96,22 @@ class ModelConfig:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_memory_gib`,
-    and that, when None, defaults to a share of the device's free memory (see model_runner)."""
+    """Paged KV cache geometry and dtype. `num_blocks=None` sizes the pool from
+    `kv_cache_memory_gib`, and that, when None, defaults to a share of the device's free memory
+    (see model_runner)."""
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory_gib: float | None = None
     enable_prefix_caching: bool = True
+    # "auto": the model's compute dtype. float16 / bfloat16 halve an fp32 model's cache (K/V
+    # rounded when written, attention still in fp32 on the CPU); the CPU only.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -113,6 +120,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
         if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib: must be > 0, got {self.kv_cache_memory_gib}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True, slots=True)

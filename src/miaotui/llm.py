@@ -46,7 +46,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
                  seed: int = 0, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory_gib: float | None = None, enable_prefix_caching: bool = True,
+                 kv_cache_memory_gib: float | None = None, kv_cache_dtype: str = "auto",
+                 enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  quantization: str = "auto", tensor_parallel_size: int = 1, load_format: str = "auto",
                  threads: int | None = None, compile_decode: bool = False) -> None:
@@ -56,7 +57,7 @@ class LLM:
                         tensor_parallel_size=tensor_parallel_size, load_format=load_format, threads=threads,
                         compile_decode=compile_decode),
             CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                        kv_cache_memory_gib=kv_cache_memory_gib,
+                        kv_cache_memory_gib=kv_cache_memory_gib, kv_cache_dtype=kv_cache_dtype,
                         enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         )

@@ -51,13 +51,15 @@ def test_matches_reference(kv_heads, heads, window):
                     reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
 @pytest.mark.parametrize("kv_heads,heads,dim", [(4, 4, 16), (2, 6, 16), (1, 8, 64), (3, 9, 64), (2, 4, 96)])
 @pytest.mark.parametrize("mixed", [True, False])
-def test_cpu_decode_kernel_matches_reference(kv_heads, heads, dim, mixed):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_cpu_decode_kernel_matches_reference(kv_heads, heads, dim, mixed, cache_dtype):
     """miaotui's paged decode kernel reads K/V in place and runs its own exp: fp32 to 1e-5. Few
     (sequence, KV head) pairs split into one task per query head; D = 96 is one 64-wide register
-    block and a rest."""
+    block and a rest. fp16 caches (--kv-cache-dtype float16) are read widened to fp32."""
     seqs = [(5, 1), (16, 1), (17, 1), (1, 1), (40, 1), (300, 1)] + ([(9, 4), (33, 33)] if mixed else [])
     query, k_cache, v_cache, meta = _batch(seqs, 8, 96, kv_heads, heads, dim, seed=kv_heads + heads + dim)
     query = query * 3  # peaked softmaxes as well as flat ones
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     expected = reference_paged_attention(query, k_cache, v_cache, meta, dim ** -0.5)
     meta.decode = build_decode_batch(meta, 8)
     kernel = torch.ops.miaotui_cpu.paged_decode_attention.default

@@ -12,40 +12,23 @@
 #include "cpu_ops.h"
 #include "cpu_simd.h"
 
-namespace miaotui_cpu {
+namespace {
 
-// Decode attention straight from the paged cache: one query token per sequence, causal over its
-// seq_len cached tokens, fp32 throughout (scores, an exact two-pass softmax, the weighted sum).
-// Reading K and V where they lie replaces gathering every sequence's blocks into a padded copy
-// and masking it (the copy cost as much as the attention at batch 16).
-// q [B, H, D]; caches [blocks, block_size, KVH, D]; block_tables [B, nb] int64; seq_lens [B].
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
-              "paged_decode_attention: q must be contiguous fp32 CPU [B, H, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
-              "paged_decode_attention: caches must be contiguous fp32 [blocks, block_size, KVH, D] of one shape");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0 && H % KVH == 0,
-              "paged_decode_attention: head sizes do not match (D a multiple of 8, H a multiple of KVH)");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
-              block_tables.is_contiguous() && seq_lens.numel() == B && seq_lens.scalar_type() == at::kLong &&
-              seq_lens.is_contiguous(),
-              "paged_decode_attention: block_tables [B, nb] and seq_lens [B] must be int64");
-  const int64_t nb = block_tables.size(1), G = H / KVH;
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= nb * BS, "paged_decode_attention: seq_len ", lens[b], " of row ", b,
-                " does not fit its ", nb, " blocks of ", BS);
-  at::Tensor out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
+using miaotui_cpu::exp8;
+using miaotui_cpu::hsum;
+using miaotui_cpu::hsum8;
+
+// 8 cache values as floats: fp32 caches as they are, fp16 ones (stored as their bits) widened.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The attention of paged_decode_attention below over caches of element type C (float or fp16 bits).
+template <typename C>
+void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, const int64_t* lens, int64_t B,
+            int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t nb, float fscale, float* op) {
+  const int64_t G = H / KVH;
   // One task per (sequence, KV head): its G query heads share every K and V row it reads. With
   // fewer such tasks than a few per thread (a batch-1 step has KVH of them, 3 for SmolLM2 on
   // 2 threads), a task is one query head instead, so no thread idles for a third of the step.
@@ -61,7 +44,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
         for (int64_t i = 0, base = (tables[b * nb + j] * BS * KVH + kvh) * D; i < BS && t < L; ++i, ++t)
           offsets[t] = base + i * KVH * D;
-      auto row = [&](const float* cache, int64_t t) { return cache + offsets[t]; };
+      auto row = [&](const C* cache, int64_t t) { return cache + offsets[t]; };
       for (int64_t g = 0; g < per_slice; ++g) {
         const float* qh = qp + (b * H + kvh * G + g0 + g) * D;
         float* scores = probs.data() + g * Lp;
@@ -71,14 +54,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
           for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8) {
             const __m256 qv = _mm256_loadu_ps(qh + d);
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row(kp, t + i) + d), acc[i]);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(row(kp, t + i) + d), acc[i]);
           }
           _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(fscale)));
         }
         for (; t < L; ++t) {
           __m256 acc = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(row(kp, t) + d), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), load8(row(kp, t) + d), acc);
           scores[t] = hsum(acc) * fscale;
         }
       }
@@ -106,21 +89,65 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
           for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
           for (int64_t t = 0; t < L; ++t) {
             const __m256 w = _mm256_set1_ps(p[t] * inv);
-            const float* v = row(vp, t) + d0;
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+            const C* v = row(vp, t) + d0;
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
           }
           for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
         }
         for (int64_t d = d0; d < D; ++d) o[d] = 0.0f;
         for (int64_t t = 0; d0 < D && t < L; ++t) {
           const __m256 w = _mm256_set1_ps(p[t] * inv);
-          const float* v = row(vp, t);
+          const C* v = row(vp, t);
           for (int64_t d = d0; d < D; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, load8(v + d), _mm256_loadu_ps(o + d)));
         }
       }
     }
   });
+}
+
+}  // namespace
+
+namespace miaotui_cpu {
+
+// Decode attention straight from the paged cache: one query token per sequence, causal over its
+// seq_len cached tokens, fp32 throughout (scores, an exact two-pass softmax, the weighted sum)
+// over fp32 caches or fp16 ones (--kv-cache-dtype float16: half the cache memory).
+// Reading K and V where they lie replaces gathering every sequence's blocks into a padded copy
+// and masking it (the copy cost as much as the attention at batch 16).
+// q [B, H, D]; caches [blocks, block_size, KVH, D]; block_tables [B, nb] int64; seq_lens [B].
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
+              "paged_decode_attention: q must be contiguous fp32 CPU [B, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+              k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous(),
+              "paged_decode_attention: caches must be contiguous fp32 or fp16 [blocks, block_size, KVH, D] of one "
+              "shape and dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0 && H % KVH == 0,
+              "paged_decode_attention: head sizes do not match (D a multiple of 8, H a multiple of KVH)");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
+              block_tables.is_contiguous() && seq_lens.numel() == B && seq_lens.scalar_type() == at::kLong &&
+              seq_lens.is_contiguous(),
+              "paged_decode_attention: block_tables [B, nb] and seq_lens [B] must be int64");
+  const int64_t nb = block_tables.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= nb * BS, "paged_decode_attention: seq_len ", lens[b], " of row ", b,
+                " does not fit its ", nb, " blocks of ", BS);
+  at::Tensor out = at::empty_like(q);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  if (k_cache.scalar_type() == at::kFloat)
+    attend(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, lens, B, H, KVH, D,
+           BS, nb, fscale, out.data_ptr<float>());
+  else
+    attend(q.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::Half>()),
+           reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::Half>()), tables, lens, B, H, KVH, D, BS, nb,
+           fscale, out.data_ptr<float>());
   return out;
 }
 

@@ -9,6 +9,8 @@
 // output is bit for bit the eager step's. Built by kernels/cpu_build.py.
 #include <cstring>
 
+#include <immintrin.h>
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -39,14 +41,25 @@ void add_into(at::Tensor& h, const at::Tensor& y) {
 }
 
 // Row b's `width` floats at src + b * stride go to cache row slots[b] (a cache row is one token's
-// KVH * D values: caches are [blocks, block_size, KVH, D], contiguous).
+// KVH * D values: caches are [blocks, block_size, KVH, D], contiguous), fp32 as they are, fp16
+// rounded to nearest even as torch's conversion (the layers' index_copy_ of key.to(fp16)) does.
 void write_rows(const float* src, int64_t stride, int64_t width, const int64_t* slots, int64_t rows,
                 at::Tensor& cache) {
-  float* dst = cache.data_ptr<float>();
   const int64_t cache_rows = cache.size(0) * cache.size(1);
+  const bool half = cache.scalar_type() == at::kHalf;
   for (int64_t b = 0; b < rows; ++b) {
     TORCH_CHECK(slots[b] >= 0 && slots[b] < cache_rows, "decode_stack: slot ", slots[b], " is outside the cache");
-    std::memcpy(dst + slots[b] * width, src + b * stride, width * sizeof(float));
+    const float* from = src + b * stride;
+    if (!half) {
+      std::memcpy(cache.data_ptr<float>() + slots[b] * width, from, width * sizeof(float));
+      continue;
+    }
+    uint16_t* to = reinterpret_cast<uint16_t*>(cache.data_ptr<at::Half>()) + slots[b] * width;
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(to + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < width; ++i) to[i] = _cvtss_sh(from[i], _MM_FROUND_TO_NEAREST_INT);
   }
 }
 
@@ -78,10 +91,12 @@ at::Tensor decode_stack(const at::Tensor& h_in, const at::Tensor& cos, const at:
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = weights.data() + l * kSlotsPerLayer;
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == num_kv_heads && k_cache.scalar_type() == at::kFloat &&
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == num_kv_heads &&
+                (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
                 k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
-                v_cache.scalar_type() == at::kFloat, "decode_stack: layer ", l,
-                ": caches must be contiguous fp32 [blocks, block_size, ", num_kv_heads, ", D] of one shape");
+                v_cache.scalar_type() == k_cache.scalar_type(), "decode_stack: layer ", l,
+                ": caches must be contiguous fp32 or fp16 [blocks, block_size, ", num_kv_heads,
+                ", D] of one shape and dtype");
     const int64_t D = k_cache.size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
     // Attention: norm, QKV (+ bias), rotary of the Q and K heads together, K/V into the cache.
     at::Tensor qkv = linear(rms_norm(h, w[kInNorm], eps), w[kQkv], w[kQkvScales]);

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from miaotui.layers.cross_attention import CrossAttentionBatch
 
 # (query positions [..., 1], key positions [L]) -> bias [heads, ..., L]; see layers/position_bias.py
+# The cache dtypes miaotui's CPU decode kernel reads (kernels/cpu_attention.cpp).
+_CPU_DECODE_CACHE_DTYPES = (torch.float32, torch.float16)
 ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -284,12 +286,13 @@ def torch_paged_attention(
 ) -> torch.Tensor:
     """Same contract as the reference; decodes batched, prompt chunks one sequence at a time.
     `cpu_decode` (miaotui's paged decode kernel) takes the decode rows of plain causal layers
-    with fp32 CPU caches."""
+    with fp32 or fp16 CPU caches."""
     decode = meta.decode
     if decode is None:
         decode = build_decode_batch(meta, k_cache.shape[1])
     if not (cpu_decode is not None and sliding_window is None and score_bias is None
-            and query.dtype is torch.float32 and k_cache.dtype is torch.float32 and k_cache.device.type == "cpu"):
+            and query.dtype is torch.float32 and k_cache.dtype in _CPU_DECODE_CACHE_DTYPES
+            and k_cache.device.type == "cpu"):
         cpu_decode = None
     if decode.token_idx.numel() == query.shape[0]:  # every row a decode, rows 0..T-1 in order
         return _decode_rows(query, k_cache, v_cache, decode, scale, sliding_window, score_bias, cpu_decode)

@@ -5,7 +5,7 @@ The kernel calls the very kernels the layers call, in the same order, so a step'
 states are bit for bit the eager layers' (tests/unit/test_decode_stack.py). It serves steps
 whose every token is a decode of an fp32 CPU model whose layers all run on miaotui's CPU
 kernels: 4-bit or int8 projections (`Int4Linear` "q4" / `Int8Linear` "q8"), no bias but
-Q/K/V's, the RMSNorm kernel, plain causal attention over fp32 caches. Anything else (prompt
+Q/K/V's, the RMSNorm kernel, plain causal attention over fp32 or fp16 caches. Anything else (prompt
 chunks, sliding windows, torch's int4 kernel, a sharded model, --compile-decode) keeps the
 layers' own forward.
 """
@@ -88,7 +88,8 @@ class DecodeStack:
         if self._caches is None or self._caches[0][0] is not first:  # bound (or re-bound) by the runner
             paged = [layer.self_attn.attn for layer in self._layers]
             caches = [attn.k_cache for attn in paged], [attn.v_cache for attn in paged]
-            if any(c is None or c.dtype is not torch.float32 or c.device.type != "cpu" or not c.is_contiguous()
+            if any(c is None or c.dtype not in (torch.float32, torch.float16) or c.device.type != "cpu"
+                   or not c.is_contiguous()
                    for group in caches for c in group):
                 self.enabled = False
                 return False

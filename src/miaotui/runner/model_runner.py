@@ -24,6 +24,16 @@ from miaotui.sample.sampler import Sampler, SamplerOutput
 logger = logging.getLogger(__name__)
 
 
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache dtype of CacheConfig.kv_cache_dtype: "auto" is the model's. Another dtype than
+    the model's is for the CPU only (the GPU attention kernels read caches of the model's dtype)."""
+    dtype = model_dtype if name == "auto" else getattr(torch, name)
+    if dtype != model_dtype and device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype {name}: a cache dtype other than the model's ({model_dtype}) "
+                         f"is supported on the CPU only, not on {device.type}")
+    return dtype
+
+
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     per_layer = sum(
         2 * block_size * attn.num_kv_heads * attn.head_dim for attn in model.attention_layers()
@@ -76,9 +86,10 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(model_config.device)
         self.dtype = model_config.dtype
+        self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device)
         self.block_size = cache_config.block_size
         min_blocks = -(-max_model_len // self.block_size)
-        block_bytes = kv_bytes_per_block(model, self.block_size, self.dtype)
+        block_bytes = kv_bytes_per_block(model, self.block_size, self.kv_dtype)
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         else:
@@ -90,14 +101,14 @@ class ModelRunner:
                 f"sequence of max_model_len={max_model_len}; raise the KV cache size or lower max_model_len"
             )
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1f sequences of "
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); %.1f sequences of "
                     "max_model_len=%d fit at once", num_blocks, self.block_size, num_blocks * self.block_size,
-                    num_blocks * block_bytes / 2**30, num_blocks * self.block_size / max_model_len,
+                    num_blocks * block_bytes / 2**30, str(self.kv_dtype).removeprefix("torch."), num_blocks * self.block_size / max_model_len,
                     max_model_len)
         for attn in model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+            attn.v_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         # Invariant: every block a step reads holds finite numbers. Batched decode attention
         # reads whole blocks (and block 0 as padding) and masks the unwritten slots, but a masked
         # NaN from uninitialised memory would still poison the softmax-weighted sum (0 * NaN).
