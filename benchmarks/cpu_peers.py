@@ -1,9 +1,10 @@
 """CPU peers, same GGUF, same prompts, same run: miaotui (its default, which runs this Q4_1 file
-quantized; the same with --compile-decode; the fp32 reference path) vs llama.cpp (llama-cpp-python)
+quantized; the same with --compile-decode; the same with an fp16 KV cache, llama.cpp's default
+cache type; the fp32 reference path) vs llama.cpp (llama-cpp-python)
 vs transformers, 2 threads each.
 
     python benchmarks/cpu_peers.py [--threads 2]
-        [--sides miaotui,miaotui-compiled,miaotui-fp32,llama.cpp,transformers]
+        [--sides miaotui,miaotui-compiled,miaotui-kv16,miaotui-fp32,llama.cpp,transformers]
 
 Each side runs in its own child process (its own peak RSS), one after the other, on the
 embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
@@ -34,7 +35,7 @@ from pathlib import Path
 from peer_venv import llama_cpp_python
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("miaotui", "miaotui-compiled", "miaotui-fp32", "llama.cpp", "transformers")
+SIDES = ("miaotui", "miaotui-compiled", "miaotui-kv16", "miaotui-fp32", "llama.cpp", "transformers")
 
 
 def _rss_mib() -> float:
@@ -61,7 +62,8 @@ def _report(work: dict, run_short, run_prefill, run_decode, run_batch, out: dict
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def side_miaotui(work: dict, threads: int, quantization: str, compile_decode: bool = False) -> None:
+def side_miaotui(work: dict, threads: int, quantization: str, compile_decode: bool = False,
+                 kv_cache_dtype: str = "auto") -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -69,7 +71,7 @@ def side_miaotui(work: dict, threads: int, quantization: str, compile_decode: bo
 
     # No prefix cache: repeated timing runs of one prompt must compute it again, as the peers do.
     llm = LLM(quantization=quantization, max_num_seqs=16, enable_prefix_caching=False,
-              compile_decode=compile_decode)
+              compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype)
     greedy = dict(temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": work["short"]}, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
     print("FIRST_TOKEN", flush=True)
@@ -199,6 +201,7 @@ def main() -> int:
         work = json.loads(Path(args.work).read_text())
         {"miaotui": lambda: side_miaotui(work, args.threads, "auto"),
          "miaotui-compiled": lambda: side_miaotui(work, args.threads, "auto", compile_decode=True),
+         "miaotui-kv16": lambda: side_miaotui(work, args.threads, "auto", kv_cache_dtype="float16"),
          "miaotui-fp32": lambda: side_miaotui(work, args.threads, "none"),
          "llama.cpp": lambda: side_llama_cpp(work, args.threads),
          "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
