@@ -24,8 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache size in GiB (default: a share of free memory)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache dtype (CPU): auto (default) is the model's; float16 halves an fp32 "
-                        "model's cache, K/V rounded to fp16 when written, attention still in fp32")
+                   help="KV cache dtype (CPU): float16 halves an fp32 model's cache, K/V rounded to fp16 "
+                        "when written, attention still in fp32; auto (default): float16 with int4/int8 "
+                        "weights, else the model's dtype (float32: the reference's exact numbers)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="weight-only quantization (CPU): int4 (groups of 32) or int8 per channel, "
                         "activations meeting the weights in bf16; none: dense --dtype weights (the "

@@ -109,8 +109,9 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_memory_gib: float | None = None
     enable_prefix_caching: bool = True
-    # "auto": the model's compute dtype. float16 / bfloat16 halve an fp32 model's cache (K/V
-    # rounded when written, attention still in fp32 on the CPU); the CPU only.
+    # "auto": the model's compute dtype, but fp16 for an fp32 CPU model with low-bit weights
+    # (runner/model_runner.py: kv_cache_dtype). float16 / bfloat16 halve an fp32 model's cache
+    # (K/V rounded when written, attention still in fp32 on the CPU); the CPU only.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

@@ -51,14 +51,14 @@ def _run(folder, tokenizer, quantization: str, prompts: int = 3, max_tokens: int
     return checked, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch,quantization,kv_dtype", [("llama", "int4", "auto"), ("llama", "int8", "auto"),
-                                                        ("qwen2", "int4", "auto"), ("llama", "int4", "float16")])
+@pytest.mark.parametrize("arch,quantization,kv_dtype", [("llama", "int4", "float32"), ("llama", "int8", "float32"),
+                                                        ("qwen2", "int4", "float32"), ("llama", "int4", "auto")])
 def test_stack_equals_layers_bit_for_bit(tmp_path, embedded_gguf, arch, quantization, kv_dtype):
     folder, _ = make_tiny_checkpoint(tmp_path / arch, arch)
     checked, tokens = _run(folder, embedded_gguf, quantization, kv_cache_dtype=kv_dtype)
     assert checked.served >= 6 and checked.stack.enabled
     cache = checked.model.model.layers[0].self_attn.attn.k_cache
-    assert cache.dtype == (torch.float16 if kv_dtype == "float16" else torch.float32)
+    assert cache.dtype == (torch.float16 if kv_dtype == "auto" else torch.float32)  # auto: fp16 for low-bit weights
     assert all(len(t) == 6 + 3 * i for i, t in enumerate(tokens))
 
 
@@ -125,11 +125,11 @@ def test_fp16_kv_cache_stays_close_to_fp32(tmp_path, embedded_gguf):
     prompt = {"prompt_token_ids": list(range(30, 47))}
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, ignore_eos=True)
     runs = {}
-    for kv_dtype in ("auto", "float16"):
+    for kv_dtype in ("float32", "float16"):
         llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=128, quantization="int4",
                   kv_cache_dtype=kv_dtype)
         runs[kv_dtype] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
-    exact, half = runs["auto"], runs["float16"]
+    exact, half = runs["float32"], runs["float16"]
     compared = 0
     for token, lp32, lp16 in zip(exact.token_ids, exact.logprobs, half.logprobs):
         if token not in lp16:  # a near-tie flipped: the rest of the continuation differs
@@ -145,7 +145,11 @@ def test_kv_cache_dtype_is_validated():
 
     with pytest.raises(ValueError, match="kv_cache_dtype: must be one of auto, float32, float16, bfloat16"):
         CacheConfig(kv_cache_dtype="fp8")
-    assert kv_cache_dtype("auto", torch.bfloat16, torch.device("cpu")) is torch.bfloat16
-    assert kv_cache_dtype("float16", torch.float32, torch.device("cpu")) is torch.float16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype("auto", torch.bfloat16, cpu, quantized=False) is torch.bfloat16
+    assert kv_cache_dtype("auto", torch.float32, cpu, quantized=False) is torch.float32  # the reference path
+    assert kv_cache_dtype("auto", torch.float32, cpu, quantized=True) is torch.float16
+    assert kv_cache_dtype("float32", torch.float32, cpu, quantized=True) is torch.float32
+    assert kv_cache_dtype("auto", torch.bfloat16, cuda, quantized=False) is torch.bfloat16
     with pytest.raises(ValueError, match="supported on the CPU only"):
-        kv_cache_dtype("float16", torch.bfloat16, torch.device("cuda"))
+        kv_cache_dtype("float16", torch.bfloat16, cuda, quantized=False)

@@ -18,16 +18,23 @@ from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
+from miaotui.layers.quantized import _WeightOnlyLinear
 from miaotui.runner.compiled_decode import CompiledDecode
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The cache dtype of CacheConfig.kv_cache_dtype: "auto" is the model's. Another dtype than
-    the model's is for the CPU only (the GPU attention kernels read caches of the model's dtype)."""
-    dtype = model_dtype if name == "auto" else getattr(torch, name)
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device, quantized: bool) -> torch.dtype:
+    """The cache dtype of CacheConfig.kv_cache_dtype. "auto" is the model's dtype, except for an
+    fp32 CPU model with low-bit weights: fp16 (llama.cpp's default too). Such a model already
+    trades the reference's exact numbers for memory, and K/V rounded to 11 bits move its logits
+    far less than its 4-bit weights do, while the cache (most of a busy server's memory) halves.
+    A dtype other than the model's is for the CPU only (the GPU kernels read the model's dtype)."""
+    if name == "auto":
+        fp16 = quantized and device.type == "cpu" and model_dtype == torch.float32
+        return torch.float16 if fp16 else model_dtype
+    dtype = getattr(torch, name)
     if dtype != model_dtype and device.type != "cpu":
         raise ValueError(f"kv_cache_dtype {name}: a cache dtype other than the model's ({model_dtype}) "
                          f"is supported on the CPU only, not on {device.type}")
@@ -86,7 +93,8 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(model_config.device)
         self.dtype = model_config.dtype
-        self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device)
+        quantized = any(isinstance(module, _WeightOnlyLinear) for module in model.modules())
+        self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device, quantized)
         self.block_size = cache_config.block_size
         min_blocks = -(-max_model_len // self.block_size)
         block_bytes = kv_bytes_per_block(model, self.block_size, self.kv_dtype)
