@@ -114,6 +114,32 @@ def test_q8_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows):
     assert ((y - ref).abs() <= _fp32_bound(x, w)).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 17])
+def test_q8_0_head_is_the_fp32_matmul_of_the_tables_own_weights(rows):
+    """A tied Q8_0 table's head multiplies the table as stored (no copy, no requantization)."""
+    import torch.nn as nn
+
+    from miaotui.layers.packed import Int8GroupWeight
+    from miaotui.layers.quantized import Int8GroupHead, PackedEmbedding, _tied_head
+
+    gen = torch.Generator().manual_seed(20 + rows)
+    codes = torch.randint(-127, 128, (300, 96), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(300, 3, generator=gen) * 0.01 + 1e-4).half().float()  # fp16 d, as Q8_0 stores it
+    table = PackedEmbedding(Int8GroupWeight(codes, scale), torch.float32)
+    head = _tied_head(table)
+    assert isinstance(head, Int8GroupHead)
+    assert head._codes.data_ptr() == table.codes.data_ptr()  # the table itself, not a copy
+    w = table.rows_dequantized(0, 300)
+    assert torch.equal(w, codes.float() * scale.repeat_interleave(32, dim=1))  # q * d is exact in fp32
+    x = torch.randn(rows, 96, generator=gen)
+    y = head(x)
+    assert y.shape == (rows, 300)
+    assert ((y - x @ w.t()).abs() <= _fp32_bound(x, w)).all()
+    assert isinstance(_tied_head(nn.Embedding(300, 96)), Int8Linear)  # a dense table: an int8 copy
+    with pytest.raises(RuntimeError, match="group_scales must be contiguous fp32"):
+        torch.ops.miaotui_cpu.q8_group_linear(x.contiguous(), codes, scale[:, :2].contiguous())
+
+
 def test_bad_blocks_are_refused_by_name():
     blocks, _ = pack_q4_blocks(quantize_int4(torch.randn(8, 64)))
     with pytest.raises(RuntimeError, match="bytes per row do not fit 96 in_features"):

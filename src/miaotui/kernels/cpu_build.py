@@ -118,6 +118,10 @@ def _register_fakes() -> None:
     def _(x, qweight, scales):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @register("miaotui_cpu::q8_group_linear")
+    def _(x, qweight, group_scales):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
     @register("miaotui_cpu::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
         return torch.empty_like(q)

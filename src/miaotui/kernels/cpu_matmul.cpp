@@ -1,5 +1,6 @@
 // Weight-only matmuls for x86 with AVX2 + FMA + F16C, registered as torch ops miaotui_cpu::q4_linear,
-// q4_dequantize (4-bit weights) and q8_linear (int8 weights, a scale per row). Built with the
+// q4_dequantize (4-bit weights), q8_linear (int8 weights, a scale per row) and q8_group_linear
+// (int8 weights, a scale per group of 32: GGUF's Q8_0). Built with the
 // other cpu_*.cpp sources into one library by kernels/cpu_build.py.
 //
 // Layout ("q4 blocks", made by layers/int4_blocks.py): a weight [N, K] is N rows of K / 32
@@ -225,6 +226,27 @@ struct Q8Dot {
   }
 };
 
+// int8 weights in groups of 32 with a scale per group, as GGUF's Q8_0 stores them (w = d * q;
+// d an fp16 value held in fp32): q * d is exact in fp32 (8 + 11 significant bits).
+struct Q8GroupDot {
+  const float* x;
+  int64_t K;
+  const int8_t* q;
+  const float* group_scales;
+  float* y;
+  int64_t N;
+  template <int R>
+  void run(int64_t r, int64_t n) const {
+    const int8_t* row = q + n * K;
+    const float* d = group_scales + n * (K / 32);
+    rows_dot<R>(x + r * K, K, [row, d](int64_t g, __m256 w[4]) {
+      int8_group(row, g, w);
+      const __m256 dg = _mm256_set1_ps(d[g]);
+      for (int c = 0; c < 4; ++c) w[c] = _mm256_mul_ps(w[c], dg);
+    }, 1.0f, y + r * N + n, N);
+  }
+};
+
 }  // namespace
 
 namespace miaotui_cpu {
@@ -241,6 +263,21 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = at::empty({M, N}, x.options());
   tiled_rows(M, N, Q8Dot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(),
                           y.data_ptr<float>(), N});
+  return y;
+}
+
+at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& group_scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "q8_group_linear: x must be a contiguous fp32 CPU [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+              qweight.size(1) == K, "q8_group_linear: qweight must be contiguous int8 [N, ", K, "]");
+  TORCH_CHECK(K % 32 == 0, "q8_group_linear: in_features ", K, " is not a multiple of 32");
+  TORCH_CHECK(group_scales.scalar_type() == at::kFloat && group_scales.is_contiguous() &&
+              group_scales.numel() == N * (K / 32), "q8_group_linear: group_scales must be contiguous fp32 [N, K / 32]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  tiled_rows(M, N, Q8GroupDot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
+                               y.data_ptr<float>(), N});
   return y;
 }
 
@@ -290,10 +327,12 @@ TORCH_LIBRARY(miaotui_cpu, lib) {
   lib.def("q4_linear(Tensor x, Tensor blocks, bool fp16_scales) -> Tensor");
   lib.def("q4_dequantize(Tensor blocks, int in_features, bool fp16_scales) -> Tensor");
   lib.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  lib.def("q8_group_linear(Tensor x, Tensor qweight, Tensor group_scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {
   lib.impl("q4_linear", &miaotui_cpu::q4_linear);
   lib.impl("q4_dequantize", &miaotui_cpu::q4_dequantize);
   lib.impl("q8_linear", &miaotui_cpu::q8_linear);
+  lib.impl("q8_group_linear", &miaotui_cpu::q8_group_linear);
 }

@@ -11,6 +11,7 @@ namespace miaotui_cpu {
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_scales);
 at::Tensor q4_dequantize(const at::Tensor& blocks, int64_t K, bool fp16_scales);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& group_scales);
 // cpu_elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin);

@@ -31,7 +31,7 @@ from torch import nn
 from miaotui.kernels.cpu_build import cpu_kernels_available
 from miaotui.layers.int4_blocks import pack_q4_blocks
 from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
-from miaotui.layers.packed import INT4_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
+from miaotui.layers.packed import INT4_GROUP, Q8_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
 
 
 logger = logging.getLogger("miaotui")
@@ -218,13 +218,43 @@ class PackedEmbedding(nn.Module):
         return self.packed().take(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.shape[1])
 
 
+class Int8GroupHead(nn.Module):
+    """The logits head of a tied embedding table that a GGUF file stores as Q8_0 (int8 codes, a
+    scale per group of 32), multiplied as stored by miaotui's q8_group_linear kernel (exact fp32
+    products of the file's own weights): no requantized copy of the table (28 MB for SmolLM2),
+    no requantization at load, no second rounding of the weights."""
+
+    def __init__(self, table: PackedEmbedding) -> None:
+        super().__init__()
+        if table.kind is not Int8GroupWeight or table.shape[1] % Q8_GROUP:
+            raise ValueError("Int8GroupHead: needs a Q8_0 table (Int8GroupWeight) of width a multiple of 32")
+        self.out_features, self.in_features = table.shape
+        # The table's own tensors, shared, not buffers: the table owns (and saves) them once.
+        self._codes, self._scale = table.codes, table.scale.float().contiguous()
+        self._op = torch.ops.miaotui_cpu.q8_group_linear.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float().contiguous()
+        y = self._op(x2d, self._codes, self._scale)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _tied_head(table: nn.Module) -> nn.Module:
+    """The int8 head of a tied table: the Q8_0 table itself where miaotui's kernels run, else a
+    per-row int8 copy."""
+    if isinstance(table, PackedEmbedding) and table.kind is Int8GroupWeight and cpu_kernels_available():
+        return Int8GroupHead(table)
+    return Int8Linear(table if isinstance(table, PackedEmbedding) else table.weight, None)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = frozenset()) -> nn.Module:
     """Swap every nn.Linear of a loaded CPU model for its `mode` twin; the head and the modules
     named in `int8_modules` (weights a file stores with more than 4 bits) go to int8. Layers that
     arrived already 4-bit (Int4Linear from the loader) stay as they are.
 
-    A tied head keeps the embedding table for lookups and gets its own int8 copy for logits."""
+    A tied head keeps the embedding table for lookups; logits come from the table itself where it
+    is Q8_0 (Int8GroupHead), else from an int8 copy."""
     if mode == "none":
         return model
     if mode not in ("int8", "int4"):
@@ -241,8 +271,7 @@ def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = f
         int4 = mode == "int4" and not is_head and name not in int8_modules and linear.in_features % INT4_GROUP == 0
         setattr(parent, attr, Int4Linear(linear.weight, linear.bias) if int4 else Int8Linear(linear.weight, linear.bias))
     if getattr(model, "tie_word_embeddings", False):
-        table = model.input_embeddings()
-        model.quantized_head = Int8Linear(table if isinstance(table, PackedEmbedding) else table.weight, None)
+        model.quantized_head = _tied_head(model.input_embeddings())
     logger.info("quantized %d linear layers to %s (head: int8)%s", len(swaps), mode,
                 f"; {native} kept 4-bit from the file" if native else "")
     return model

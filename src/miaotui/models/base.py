@@ -10,7 +10,7 @@ from torch import nn
 class CausalLMHead:
     """`compute_logits` for models with `input_embeddings()` and either a tied head or `lm_head`.
 
-    `layers.quantized` may set `quantized_head` (an int8 copy of a tied embedding table); it wins.
+    `layers.quantized` may set `quantized_head` (an int8 head for a tied embedding table); it wins.
     Logits are always fp32, whatever the compute dtype."""
 
     tie_word_embeddings: bool
