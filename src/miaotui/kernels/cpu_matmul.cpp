@@ -226,6 +226,30 @@ struct Q8Dot {
   }
 };
 
+// Batch-1 steps of the same (M < kWideRows): x rounded to 16 bits per group as in int16_rows
+// above, each group's 32 products q * x16 summed exactly in int32 by two madd_epi16 (|sum| <=
+// 32 * 128 * 32767 < 2^28, exact in int32; its float rounds once), then scaled by d_g * sx_g.
+inline float row_dot_q8_group_int16(const Int16Rows& xs, int64_t r, int64_t K, const int8_t* row,
+                                    const float* d) {
+  const int64_t G = K / 32;
+  const int16_t* x16 = xs.x16.data() + r * K;
+  const float* sx = xs.scale.data() + r * G;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256i q_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32)));
+    const __m256i q_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16)));
+    const __m256i dot = _mm256_add_epi32(
+        _mm256_madd_epi16(q_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32))),
+        _mm256_madd_epi16(q_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32 + 16))));
+    const __m256 scaled = _mm256_set1_ps(d[g] * sx[g]);
+    if (g & 1)
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc1);
+    else
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc0);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
 // int8 weights in groups of 32 with a scale per group, as GGUF's Q8_0 stores them (w = d * q;
 // d an fp16 value held in fp32): q * d is exact in fp32 (8 + 11 significant bits).
 struct Q8GroupDot {
@@ -276,6 +300,18 @@ at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const
   TORCH_CHECK(group_scales.scalar_type() == at::kFloat && group_scales.is_contiguous() &&
               group_scales.numel() == N * (K / 32), "q8_group_linear: group_scales must be contiguous fp32 [N, K / 32]");
   at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (M < kWideRows) {
+    const Int16Rows xs(x.data_ptr<float>(), M, K);
+    const int8_t* q = qweight.data_ptr<int8_t>();
+    const float* d = group_scales.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t n = n0; n < n1; ++n) yp[r * N + n] = row_dot_q8_group_int16(xs, r, K, q + n * K, d + n * (K / 32));
+    });
+    return y;
+  }
   tiled_rows(M, N, Q8GroupDot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
                                y.data_ptr<float>(), N});
   return y;
