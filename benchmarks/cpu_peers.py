@@ -1,10 +1,10 @@
 """CPU peers, same GGUF, same prompts, same run: miaotui (its default, which runs this Q4_1 file
-quantized; the same with --compile-decode; the same with an fp16 KV cache, llama.cpp's default
-cache type; the fp32 reference path) vs llama.cpp (llama-cpp-python)
+quantized, with an fp16 KV cache as llama.cpp's default; the same with --compile-decode; the same
+with an fp32 KV cache; the fp32 reference path) vs llama.cpp (llama-cpp-python)
 vs transformers, 2 threads each.
 
     python benchmarks/cpu_peers.py [--threads 2]
-        [--sides miaotui,miaotui-compiled,miaotui-kv16,miaotui-fp32,llama.cpp,transformers]
+        [--sides miaotui,miaotui-compiled,miaotui-kv32,miaotui-fp32,llama.cpp,transformers]
 
 Each side runs in its own child process (its own peak RSS), one after the other, on the
 embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
@@ -35,7 +35,7 @@ from pathlib import Path
 from peer_venv import llama_cpp_python
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("miaotui", "miaotui-compiled", "miaotui-kv16", "miaotui-fp32", "llama.cpp", "transformers")
+SIDES = ("miaotui", "miaotui-compiled", "miaotui-kv32", "miaotui-fp32", "llama.cpp", "transformers")
 
 
 def _rss_mib() -> float:
@@ -201,7 +201,7 @@ def main() -> int:
         work = json.loads(Path(args.work).read_text())
         {"miaotui": lambda: side_miaotui(work, args.threads, "auto"),
          "miaotui-compiled": lambda: side_miaotui(work, args.threads, "auto", compile_decode=True),
-         "miaotui-kv16": lambda: side_miaotui(work, args.threads, "auto", kv_cache_dtype="float16"),
+         "miaotui-kv32": lambda: side_miaotui(work, args.threads, "auto", kv_cache_dtype="float32"),
          "miaotui-fp32": lambda: side_miaotui(work, args.threads, "none"),
          "llama.cpp": lambda: side_llama_cpp(work, args.threads),
          "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
