@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from miaotui.layers.cross_attention import CrossAttentionBatch
 
 # (query positions [..., 1], key positions [L]) -> bias [heads, ..., L]; see layers/position_bias.py
+ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The cache dtypes miaotui's CPU decode kernel reads (kernels/cpu_attention.cpp).
 _CPU_DECODE_CACHE_DTYPES = (torch.float32, torch.float16)
-ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)

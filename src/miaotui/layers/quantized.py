@@ -239,6 +239,11 @@ class Int8GroupHead(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def has_low_bit_weights(model: nn.Module) -> bool:
+    """Whether any of the model's linear layers holds int4 or int8 weights."""
+    return any(isinstance(module, _WeightOnlyLinear) for module in model.modules())
+
+
 def _tied_head(table: nn.Module) -> nn.Module:
     """The int8 head of a tied table: the Q8_0 table itself where miaotui's kernels run, else a
     per-row int8 copy."""

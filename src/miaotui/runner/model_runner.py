@@ -18,7 +18,7 @@ from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
-from miaotui.layers.quantized import _WeightOnlyLinear
+from miaotui.layers.quantized import has_low_bit_weights
 from miaotui.runner.compiled_decode import CompiledDecode
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
@@ -93,8 +93,8 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(model_config.device)
         self.dtype = model_config.dtype
-        quantized = any(isinstance(module, _WeightOnlyLinear) for module in model.modules())
-        self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device, quantized)
+        self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device,
+                                       has_low_bit_weights(model))
         self.block_size = cache_config.block_size
         min_blocks = -(-max_model_len // self.block_size)
         block_bytes = kv_bytes_per_block(model, self.block_size, self.kv_dtype)
