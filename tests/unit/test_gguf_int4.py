@@ -50,6 +50,36 @@ def test_unpacked_codes_reproduce_the_files_weights_exactly(kind):
     np.testing.assert_array_equal(weight.dequantized().numpy(), expected)
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_blocks_are_the_files_weights_in_the_kernels_layout(kind):
+    """Q4_0 / Q4_1 go straight to the q4 kernel's blocks: the same bytes as packing the unpacked
+    codes, the file's weights exactly, and a layer built from them keeps those bytes."""
+    from miaotui.kernels.cpu_build import cpu_kernels_available
+    from miaotui.layers.int4_blocks import pack_q4_blocks
+    from miaotui.layers.packed import Q4Blocks
+    from miaotui.loader.gguf_quant import q4_blocks
+
+    rng = np.random.default_rng(3)
+    n, k = 48, 256  # N a multiple of 16, as torch's int4 packing needs
+    qtype = GGMLQuantizationType[kind]
+    data = quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    tensor = _Tensor(data, qtype, n, k)
+    direct = q4_blocks(tensor)
+    assert isinstance(direct, Q4Blocks) and direct.shape == (n, k)
+    packed, fp16 = pack_q4_blocks(unpack_int4(tensor))
+    assert fp16 and torch.equal(direct.blocks, packed)
+    expected = quants.dequantize(data, qtype).reshape(n, k)
+    np.testing.assert_array_equal(direct.dequantized().numpy(), expected)
+    rows = direct.permute_rows(torch.arange(n - 1, -1, -1)).rows(3, 5)  # the loader's row operations
+    np.testing.assert_array_equal(rows.dequantized().numpy(), expected[::-1][3:8])
+    if cpu_kernels_available():
+        layer = Int4Linear(direct, None)
+        assert layer.kernel == "q4" and layer.fp16_scales and torch.equal(layer.blocks, packed)
+    fallback = Int4Linear(direct, None, kernel="torch")  # torch's kernel gets the unpacked weight
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(fallback(x), x @ torch.from_numpy(expected).t(), rtol=2e-2, atol=2e-2)
+
+
 def test_unpack_rejects_other_formats():
     data = quants.quantize(np.zeros((4, 32), np.float32), GGMLQuantizationType.Q8_0)
     with pytest.raises(ValueError, match="Q8_0 is not a 4-bit block format"):

@@ -95,3 +95,38 @@ class Int8GroupWeight(_Grouped):
         n, k = len(ids), self.codes.shape[1]
         groups = self.codes[ids].float().view(n, k // Q8_GROUP, Q8_GROUP)
         return (groups * self.scale[ids][..., None]).view(n, k)
+
+
+Q4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of codes
+
+
+@dataclass(slots=True)
+class Q4Blocks(_Grouped):
+    """A 4-bit weight already in the block layout of miaotui's q4 kernel (layers/int4_blocks.py)
+    with fp16 scales: per row K / 32 blocks of d, m (w = q * d + m) and 16 code bytes, byte j
+    holding element j low and j + 16 high. GGUF's Q4_1 blocks are exactly this; Q4_0's are with
+    m = -8 d inserted. The loader hands these over as they are: no unpacking into codes and
+    packing back (loader/gguf_quant.py: q4_blocks)."""
+
+    blocks: torch.Tensor  # uint8 [N, K / 32 * Q4_BLOCK_BYTES]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.blocks.shape[0], self.blocks.shape[1] // Q4_BLOCK_BYTES * INT4_GROUP))
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> Q4Blocks:
+        return cls(torch.empty(n, k // INT4_GROUP * Q4_BLOCK_BYTES, dtype=torch.uint8))
+
+    def to_int4(self) -> Int4Weight:
+        """The same weight as an Int4Weight (for torch's int4 kernel and for lookups)."""
+        n, k = self.shape
+        b = self.blocks.reshape(n, k // INT4_GROUP, Q4_BLOCK_BYTES)
+        d = b[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
+        m = b[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        qs = b[..., 4:]
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)
+        return Int4Weight(codes, d, m + 8 * d)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        return Q4Blocks(self.blocks[ids]).to_int4().dequantized()

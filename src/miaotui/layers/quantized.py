@@ -31,7 +31,7 @@ from torch import nn
 from miaotui.kernels.cpu_build import cpu_kernels_available
 from miaotui.layers.int4_blocks import pack_q4_blocks
 from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
-from miaotui.layers.packed import INT4_GROUP, Q8_GROUP, Int4Weight, Int8GroupWeight, quantize_int4
+from miaotui.layers.packed import INT4_GROUP, Q8_GROUP, Int4Weight, Int8GroupWeight, Q4Blocks, quantize_int4
 
 
 logger = logging.getLogger("miaotui")
@@ -149,7 +149,7 @@ class Int4Linear(_WeightOnlyLinear):
     """A 4-bit weight on the "q4" kernel (miaotui's, the default where it builds) or the "torch"
     one (scales and zeros stored in bf16, the dtype that kernel reads); see the module doc."""
 
-    def __init__(self, weight: Int4Weight | torch.Tensor, bias: torch.Tensor | None,
+    def __init__(self, weight: Int4Weight | Q4Blocks | torch.Tensor, bias: torch.Tensor | None,
                  kernel: str | None = None) -> None:
         super().__init__(bias)
         if isinstance(weight, torch.Tensor):
@@ -159,10 +159,15 @@ class Int4Linear(_WeightOnlyLinear):
         q4_runs = cpu_kernels_available()
         self.kernel = kernel or ("q4" if q4_runs else "torch")
         self.own_kernel = self.kernel == "q4"
+        if isinstance(weight, Q4Blocks) and not self.own_kernel:
+            weight = weight.to_int4()
         if self.own_kernel:
             if not q4_runs:
                 raise ValueError("int4 kernel q4: miaotui's CPU kernels are not available here (see the log)")
-            blocks, self.fp16_scales = pack_q4_blocks(weight)
+            if isinstance(weight, Q4Blocks):  # already the kernel's layout (a GGUF file's Q4_0 / Q4_1)
+                blocks, self.fp16_scales = weight.blocks.contiguous(), True
+            else:
+                blocks, self.fp16_scales = pack_q4_blocks(weight)
             self.register_buffer("blocks", blocks)
             # Bound once, like the aten kernels above.
             self._q4_linear = torch.ops.miaotui_cpu.q4_linear.default

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from miaotui.errors import ModelLoadError, UnsupportedModelError
-from miaotui.layers.packed import Int4Weight, Int8GroupWeight
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
 from miaotui.loader.gguf_config import LlamaFamilyConfig
 from miaotui.loader.gguf_index import load_index, save_index
-from miaotui.loader.gguf_quant import INT4_TYPES, unpack_int4, unpack_q8_0
+from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
@@ -242,15 +243,20 @@ def _row_order(rows: int, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
-                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
+                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q4Blocks | Int8GroupWeight]]:
     """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype. With `int4`
     (and an architecture that `keeps_int4`), layer matrices stored as Q4_0 / Q4_1 / Q4_K come as
     Int4Weight instead, the file's own codes never dequantized, and a Q8_0 / 4-bit embedding
-    table comes packed too (loader/gguf_quant.py)."""
+    table comes packed too (loader/gguf_quant.py); Q4_0 / Q4_1 ones come as Q4Blocks where miaotui's
+    q4 kernel runs."""
     arch = _field(reader, "general.architecture")
     permute = arch == "llama"
     gpt2 = arch == "gpt2"
     int4 = int4 and keeps_int4(arch)
+    # Q4_0 / Q4_1 layer matrices go over as the q4 kernel's blocks (Q4Blocks) where that kernel
+    # runs and no layer is Q4_K (one 4-bit form per file, so fused shards never mix forms).
+    blk4 = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.tensor_type.name in INT4_TYPES}
+    as_blocks = int4 and blk4 <= {"Q4_0", "Q4_1"} and cpu_kernels_available()
     for tensor in reader.tensors:
         name = tensor.name
         if name == ROPE_FREQS:
@@ -265,7 +271,7 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
             continue
         if int4 and name.startswith("blk.") and kind in INT4_TYPES:
             try:
-                packed = unpack_int4(tensor)
+                packed = (q4_blocks(tensor) if as_blocks else None) or unpack_int4(tensor)
             except (ValueError, IndexError) as exc:
                 raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
             if permute and ".q_proj." in hf_name:

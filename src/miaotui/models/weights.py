@@ -6,7 +6,8 @@ once and filled shard by shard. A weight that arrives packed (layers/packed.py: 
 or Q8_0 blocks as stored) is collected the same way and, at `finish`, its module is replaced: an
 nn.Linear by an Int4Linear (with the linear's bias, loaded by then), an nn.Embedding by a
 PackedEmbedding. A 4-bit weight is packed into its Int4Linear as soon as it is complete, so the
-unpacked codes (2.5x the packed size) of only one matrix are alive at a time.
+unpacked codes (2.5x the packed size) of only one matrix are alive at a time; a Q4Blocks weight
+(a GGUF file's Q4_0 / Q4_1, already in the kernel's layout) is never unpacked at all.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 
 from miaotui.errors import ModelLoadError
-from miaotui.layers.packed import Int4Weight, Int8GroupWeight
+from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
 from miaotui.layers.quantized import Int4Linear, PackedEmbedding
 
-Packed = (Int4Weight, Int8GroupWeight)
+Int4Packed = (Int4Weight, Q4Blocks)  # the two forms a 4-bit weight arrives in
+Packed = (*Int4Packed, Int8GroupWeight)
 
 
 class WeightSink:
@@ -31,7 +33,7 @@ class WeightSink:
         self.params = dict(model.named_parameters())
         self.pending: dict[str, set[str]] = {}  # fused param -> shards still missing
         self.loaded: set[str] = set()
-        self.packed: dict[str, Int4Weight | Int8GroupWeight | Int4Linear] = {}  # weight name -> its packed form
+        self.packed: dict[str, Int4Weight | Q4Blocks | Int8GroupWeight | Int4Linear] = {}  # weight name -> its packed form
         self.sources: dict[str, set[str]] = {}  # parameter name -> checkpoint tensors it came from
 
     def _param(self, name: str, source: str) -> nn.Parameter:
@@ -54,10 +56,10 @@ class WeightSink:
                 f"checkpoint tensor {source!r} has shape {tuple(got)}, the config implies {tuple(expected)}"
             )
 
-    def assign(self, name: str, tensor: torch.Tensor | Int4Weight | Int8GroupWeight, source: str) -> None:
+    def assign(self, name: str, tensor: torch.Tensor | Int4Weight | Q4Blocks | Int8GroupWeight, source: str) -> None:
         param = self._param(name, source)
         self._check_shape(param.shape, tensor.shape, source)
-        if isinstance(tensor, Int4Weight) and isinstance(self.model.get_submodule(name.rpartition(".")[0]), nn.Linear):
+        if isinstance(tensor, Int4Packed) and isinstance(self.model.get_submodule(name.rpartition(".")[0]), nn.Linear):
             self.packed[name] = Int4Linear(tensor, None)
         elif isinstance(tensor, Packed):
             self.packed[name] = tensor
@@ -70,8 +72,8 @@ class WeightSink:
         """Copy `tensor` into rows [offset, offset + len) of fused parameter `name`."""
         param = self._param(name, source)
         if name not in self.pending:
-            if isinstance(tensor, Int4Weight):
-                self.packed[name] = Int4Weight.empty(*param.shape)
+            if isinstance(tensor, Int4Packed):
+                self.packed[name] = type(tensor).empty(*param.shape)
             else:
                 self._set(name, torch.empty(param.shape, dtype=self.dtype, device=self.device))
                 param = self.params[name]
@@ -79,7 +81,7 @@ class WeightSink:
         packed = self.packed.get(name)
         if isinstance(packed, Int4Linear):
             raise ModelLoadError(f"checkpoint tensor {source!r}: {name} is already complete (a repeated shard)")
-        if (packed is not None) != isinstance(tensor, Int4Weight):
+        if (packed is not None) != isinstance(tensor, Int4Packed) or (packed is not None and type(packed) is not type(tensor)):
             raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and other storage")
         if packed is not None:
             rows = packed.rows(offset, tensor.shape[0])
