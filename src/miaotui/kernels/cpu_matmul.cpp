@@ -152,41 +152,64 @@ struct Int16Rows {
   }
 };
 
-template <typename S>
-inline float row_dot_int16(const Int16Rows& xs, int64_t r, int64_t K, const uint8_t* row) {
+// One activation row against one weight row on 16-bit activations. `group(g, q_lo, q_hi, d, m)`
+// yields group g's codes as 16-bit lanes (elements 0-15, 16-31) and its w = q * d + m; an offset
+// m enters through the group's unrounded fp32 sum of x. kOffsets = false: weights without one.
+template <bool kOffsets, typename Group>
+inline float int16_row_dot(const Int16Rows& xs, int64_t r, int64_t K, const Group& group) {
   const int64_t G = K / 32;
   const int16_t* x16 = xs.x16.data() + r * K;
   const float* sx = xs.scale.data() + r * G;
   const float* sum = xs.sum.data() + r * G;
-  const __m128i mask = _mm_set1_epi8(0x0F);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   float offsets = 0.0f;
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* block = row + g * block_bytes<S>();
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * sizeof(S)));
-    const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                       // elements 0-15
-    const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));   // 16-31
+    __m256i q_lo, q_hi;
+    float d, m;
+    group(g, q_lo, q_hi, d, m);
     const __m256i dot = _mm256_add_epi32(
         _mm256_madd_epi16(q_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32))),
         _mm256_madd_epi16(q_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32 + 16))));
-    const __m256 scaled = _mm256_set1_ps(scalar<S>(block) * sx[g]);
+    const __m256 scaled = _mm256_set1_ps(d * sx[g]);
     if (g & 1)
       acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc1);
     else
       acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc0);
-    offsets += scalar<S>(block + sizeof(S)) * sum[g];
+    if (kOffsets) offsets += m * sum[g];
   }
   return hsum(_mm256_add_ps(acc0, acc1)) + offsets;
 }
 
-template <typename S>
-void int16_rows(const float* x, int64_t M, int64_t K, const uint8_t* blocks, float* y, int64_t N) {
+// y = x W^T for M < kWideRows rows on 16-bit activations; `row_groups(n)` is weight row n's group
+// loader for int16_row_dot.
+template <bool kOffsets, typename RowGroups>
+void int16_rows(const float* x, int64_t M, int64_t K, float* y, int64_t N, const RowGroups& row_groups) {
   const Int16Rows xs(x, M, K);
-  const int64_t row_bytes = K / 32 * block_bytes<S>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t n = n0; n < n1; ++n) y[r * N + n] = row_dot_int16<S>(xs, r, K, blocks + n * row_bytes);
+      for (int64_t n = n0; n < n1; ++n) y[r * N + n] = int16_row_dot<kOffsets>(xs, r, K, row_groups(n));
   });
+}
+
+// Group loader of a q4 weight row: codes unsigned 0..15, w = q * d + m.
+template <typename S>
+struct Q4Groups {
+  const uint8_t* row;
+  void operator()(int64_t g, __m256i& q_lo, __m256i& q_hi, float& d, float& m) const {
+    const uint8_t* block = row + g * block_bytes<S>();
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * sizeof(S)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                      // elements 0-15
+    q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // 16-31
+    d = scalar<S>(block);
+    m = scalar<S>(block + sizeof(S));
+  }
+};
+
+template <typename S>
+void q4_int16_rows(const float* x, int64_t M, int64_t K, const uint8_t* blocks, float* y, int64_t N) {
+  const int64_t row_bytes = K / 32 * block_bytes<S>();
+  int16_rows<true>(x, M, K, y, N, [&](int64_t n) { return Q4Groups<S>{blocks + n * row_bytes}; });
 }
 
 template <typename S>
@@ -226,29 +249,19 @@ struct Q8Dot {
   }
 };
 
-// Batch-1 steps of the same (M < kWideRows): x rounded to 16 bits per group as in int16_rows
-// above, each group's 32 products q * x16 summed exactly in int32 by two madd_epi16 (|sum| <=
-// 32 * 128 * 32767 < 2^28, exact in int32; its float rounds once), then scaled by d_g * sx_g.
-inline float row_dot_q8_group_int16(const Int16Rows& xs, int64_t r, int64_t K, const int8_t* row,
-                                    const float* d) {
-  const int64_t G = K / 32;
-  const int16_t* x16 = xs.x16.data() + r * K;
-  const float* sx = xs.scale.data() + r * G;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    const __m256i q_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32)));
-    const __m256i q_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16)));
-    const __m256i dot = _mm256_add_epi32(
-        _mm256_madd_epi16(q_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32))),
-        _mm256_madd_epi16(q_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32 + 16))));
-    const __m256 scaled = _mm256_set1_ps(d[g] * sx[g]);
-    if (g & 1)
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc1);
-    else
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc0);
+// The int16_rows group loader of a Q8_0 row (see Q8GroupDot below), for steps of M < kWideRows
+// rows: codes signed -128..127, w = q * d. A group's 32 products q * x16 are summed exactly in
+// int32 (|sum| <= 32 * 128 * 32767 < 2^28), then scaled by d_g * sx_g.
+struct Q8Groups {
+  const int8_t* row;
+  const float* d;
+  void operator()(int64_t g, __m256i& q_lo, __m256i& q_hi, float& scale, float& offset) const {
+    q_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32)));
+    q_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16)));
+    scale = d[g];
+    offset = 0.0f;
   }
-  return hsum(_mm256_add_ps(acc0, acc1));
-}
+};
 
 // int8 weights in groups of 32 with a scale per group, as GGUF's Q8_0 stores them (w = d * q;
 // d an fp16 value held in fp32): q * d is exact in fp32 (8 + 11 significant bits).
@@ -302,14 +315,10 @@ at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (M < kWideRows) {
-    const Int16Rows xs(x.data_ptr<float>(), M, K);
     const int8_t* q = qweight.data_ptr<int8_t>();
     const float* d = group_scales.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t n = n0; n < n1; ++n) yp[r * N + n] = row_dot_q8_group_int16(xs, r, K, q + n * K, d + n * (K / 32));
-    });
+    int16_rows<false>(x.data_ptr<float>(), M, K, y.data_ptr<float>(), N,
+                      [&](int64_t n) { return Q8Groups{q + n * K, d + n * (K / 32)}; });
     return y;
   }
   tiled_rows(M, N, Q8GroupDot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
@@ -338,8 +347,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_sc
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (M < kWideRows) {
-    (fp16_scales ? int16_rows<uint16_t> : int16_rows<float>)(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(),
-                                                            y.data_ptr<float>(), N);
+    (fp16_scales ? q4_int16_rows<uint16_t> : q4_int16_rows<float>)(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(),
+                                                                    y.data_ptr<float>(), N);
     return y;
   }
   if (fp16_scales)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # (query positions [..., 1], key positions [L]) -> bias [heads, ..., L]; see layers/position_bias.py
 ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The cache dtypes miaotui's CPU decode kernel reads (kernels/cpu_attention.cpp).
-_CPU_DECODE_CACHE_DTYPES = (torch.float32, torch.float16)
+CPU_DECODE_CACHE_DTYPES = (torch.float32, torch.float16)
 
 
 @dataclass(slots=True)
@@ -291,7 +291,7 @@ def torch_paged_attention(
     if decode is None:
         decode = build_decode_batch(meta, k_cache.shape[1])
     if not (cpu_decode is not None and sliding_window is None and score_bias is None
-            and query.dtype is torch.float32 and k_cache.dtype in _CPU_DECODE_CACHE_DTYPES
+            and query.dtype is torch.float32 and k_cache.dtype in CPU_DECODE_CACHE_DTYPES
             and k_cache.device.type == "cpu"):
         cpu_decode = None
     if decode.token_idx.numel() == query.shape[0]:  # every row a decode, rows 0..T-1 in order

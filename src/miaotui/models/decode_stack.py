@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from miaotui.kernels.cpu_build import cpu_op
-from miaotui.layers.attention import AttentionMetadata
+from miaotui.layers.attention import CPU_DECODE_CACHE_DTYPES, AttentionMetadata
 from miaotui.layers.norms import RMSNorm
 from miaotui.layers.quantized import Int4Linear, Int8Linear
 
@@ -88,7 +88,7 @@ class DecodeStack:
         if self._caches is None or self._caches[0][0] is not first:  # bound (or re-bound) by the runner
             paged = [layer.self_attn.attn for layer in self._layers]
             caches = [attn.k_cache for attn in paged], [attn.v_cache for attn in paged]
-            if any(c is None or c.dtype not in (torch.float32, torch.float16) or c.device.type != "cpu"
+            if any(c is None or c.dtype not in CPU_DECODE_CACHE_DTYPES or c.device.type != "cpu"
                    or not c.is_contiguous()
                    for group in caches for c in group):
                 self.enabled = False
