@@ -11,6 +11,7 @@ from miaotui.engine.llm_engine import LLMEngine
 from miaotui.outputs import RequestOutput
 from miaotui.sampling_params import BeamSearchParams, SamplingParams
 from miaotui.tokenizer import chat_prompt_ids
+from miaotui.tokenizer_core import transformers_tokenizer
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -67,7 +68,8 @@ class LLM:
         self.engine.shutdown()
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        """The transformers tokenizer (the engine may hold only its Rust core: tokenizer_core.py)."""
+        return transformers_tokenizer(self.engine.tokenizer)
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from miaotui.config import cache_dir
 from miaotui.errors import ModelLoadError
+from miaotui.tokenizer_core import load_core, save_core
 
 
 def _gguf_cache_folder(gguf_path: Path) -> Path:
@@ -32,11 +33,15 @@ def _gguf_cache_folder(gguf_path: Path) -> Path:
 _PLAIN_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def _load_cached(folder: Path) -> Any:
-    """The cached tokenizer. A plain fast tokenizer is loaded by its own class: AutoTokenizer
-    would first index every model transformers knows (~0.5 s of a ~5 s cold start)."""
+def _is_plain_fast(folder: Path) -> bool:
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    if config.get("tokenizer_class") in _PLAIN_FAST_CLASSES:
+    return config.get("tokenizer_class") in _PLAIN_FAST_CLASSES
+
+
+def _load_cached(folder: Path) -> Any:
+    """The cached tokenizer through transformers. A plain fast tokenizer is loaded by its own
+    class: AutoTokenizer would first index every model transformers knows (~0.5 s)."""
+    if _is_plain_fast(folder):
         from transformers import PreTrainedTokenizerFast as loader
     else:
         from transformers import AutoTokenizer as loader
@@ -44,12 +49,22 @@ def _load_cached(folder: Path) -> Any:
 
 
 def _load_gguf_tokenizer(path: Path) -> Any:
+    """The cached tokenizer: its Rust core alone when the cache has one for this transformers
+    (tokenizer_core.py; no transformers import on the way to the first token), else through
+    transformers, which then writes the core for next time."""
     cached = _gguf_cache_folder(path)
     if (cached / "tokenizer_config.json").is_file():
+        core = load_core(cached, lambda: _load_cached(cached))
+        if core is not None:
+            return core
         try:
-            return _load_cached(cached)
+            tokenizer = _load_cached(cached)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
+        else:
+            if _is_plain_fast(cached):
+                save_core(cached, tokenizer)
+            return tokenizer
     # One step with no inner progress to report: the bar shows that work is going on and its time.
     with tqdm(total=1, desc=f"Building the tokenizer of {path.name} (cached after the first load)",
               bar_format="{desc}: {elapsed}", leave=False) as bar:
@@ -62,6 +77,8 @@ def _load_gguf_tokenizer(path: Path) -> Any:
         # Write to a temporary folder and rename, so a concurrent reader never sees half a cache.
         tmp = Path(tempfile.mkdtemp(dir=cached.parent))
         tokenizer.save_pretrained(str(tmp))
+        if _is_plain_fast(tmp):
+            save_core(tmp, tokenizer)
         os.replace(tmp, cached)
     except OSError:
         pass  # a read-only cache only costs speed
@@ -69,7 +86,9 @@ def _load_gguf_tokenizer(path: Path) -> Any:
 
 
 def load_tokenizer(path: str, is_gguf: bool) -> Any:
-    """A transformers tokenizer for a model folder, a tokenizer folder, or a GGUF file."""
+    """A transformers tokenizer for a model folder, a tokenizer folder, or a GGUF file; for a GGUF
+    file whose cache holds a core, a CoreTokenizer (encode/decode without transformers, the rest
+    through it)."""
     p = Path(path)
     try:
         if is_gguf:

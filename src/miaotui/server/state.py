@@ -11,6 +11,7 @@ from miaotui.config import ServerConfig
 from miaotui.engine.async_engine import AsyncLLMEngine
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import ServerMetrics
+from miaotui.tokenizer_core import transformers_tokenizer
 
 logger = logging.getLogger("miaotui.server")
 
@@ -35,7 +36,10 @@ class ServerState:
     def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
         def load() -> None:
             try:
-                self.engine = self._factory()
+                engine = self._factory()
+                # Chat templates need the transformers tokenizer: load it before the first request.
+                transformers_tokenizer(engine.engine.tokenizer)
+                self.engine = engine
                 logger.info("model loaded: %s (context %d tokens)", self.model_name, self.max_model_len)
             except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
                 self.load_error = exc
