@@ -53,9 +53,11 @@ def _int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 17, Q4_DENSE_MIN_ROWS - 1, Q4_DENSE_MIN_ROWS, 40])
 @pytest.mark.parametrize("fp16", [True, False])
-def test_q4_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows, fp16):
+# (80, 96): three groups per row. (37, 2400): 75 groups, so the 16-bit path's scales run 8 groups
+# at a time, then a tail, over two chunks of 64; 37 weight rows leave tiles of 4 a remainder.
+@pytest.mark.parametrize("n, k", [(80, 96), (37, 2400)])
+def test_q4_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows, fp16, n, k):
     gen = torch.Generator().manual_seed(rows)
-    n, k = 80, 96  # three groups per row; rows not a multiple of the thread split
     weight = _gguf_like_q4_1(n, k, gen) if fp16 else quantize_int4(torch.randn(n, k, generator=gen) * 0.05)
     bias = torch.randn(n, generator=gen)
     layer = Int4Linear(weight, bias)

@@ -1,5 +1,5 @@
-"""Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_attention.cpp,
-cpu_elementwise.cpp, cpu_decode_stack.cpp) as torch ops.
+"""Build and load the hand-written CPU kernels (cpu_matmul.cpp, cpu_matmul_int16.cpp,
+cpu_attention.cpp, cpu_elementwise.cpp, cpu_decode_stack.cpp) as torch ops.
 
 The sources are compiled once per machine with the system C++ compiler against the installed
 torch (10-30 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
@@ -29,9 +29,9 @@ import torch
 logger = logging.getLogger("miaotui")
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_attention.cpp", _HERE / "cpu_elementwise.cpp",
-            _HERE / "cpu_decode_stack.cpp")
-_HEADERS = (_HERE / "cpu_simd.h", _HERE / "cpu_ops.h")
+_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_matmul_int16.cpp", _HERE / "cpu_attention.cpp",
+            _HERE / "cpu_elementwise.cpp", _HERE / "cpu_decode_stack.cpp")
+_HEADERS = (_HERE / "cpu_simd.h", _HERE / "cpu_ops.h", _HERE / "cpu_q4.h")
 _ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
 _LIBS = ("-lc10", "-ltorch_cpu", "-ltorch")

@@ -24,7 +24,7 @@ enum Slot : int64_t {
   kSlotsPerLayer
 };
 
-// x [M, K] @ W^T for a weight of either kind: q4 blocks (uint8 [N, K / 32 * 20 or 24]: fp16 or
+// x [M, K] @ W^T for a weight of either kind: q4 rows (cpu_q4.h; uint8 [N, K / 32 * 20 or 24]: fp16 or
 // fp32 scales, told apart by the row size) or per-row int8 (int8 [N, K] with fp32 scales [N]).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   if (weight.scalar_type() == at::kByte)

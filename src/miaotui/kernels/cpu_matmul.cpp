@@ -3,16 +3,14 @@
 // (int8 weights, a scale per group of 32: GGUF's Q8_0). Built with the
 // other cpu_*.cpp sources into one library by kernels/cpu_build.py.
 //
-// Layout ("q4 blocks", made by layers/int4_blocks.py): a weight [N, K] is N rows of K / 32
-// blocks; a block is the scale d, the offset m (both fp16, or both fp32 where fp16 would not hold
-// them exactly) and 16 bytes of codes: byte j holds element j in its low nibble and element
-// j + 16 in its high one (GGUF's Q4_0 / Q4_1 order). w = q * d + m, q in 0..15.
+// 4-bit weights are in the q4 layout of cpu_q4.h: per row, the codes of its groups of 32, then
+// their scales d, then their offsets m (fp16, or fp32 where fp16 would not hold them exactly);
+// w = q * d + m, q in 0..15.
 //
-// Activations stay fp32 and every product is an fp32 FMA on the exactly dequantized weight, so
-// the result equals x @ W^T of the dequantized weight up to summation order. With fp16 scales a
-// block is 20 bytes for 32 weights, the GGUF file's own size. On 2 AVX2 cores a batch-1 step is
-// bound by the unpacking arithmetic (int -> float conversion and the dequantizing FMA), not by
-// memory: fp32-scale blocks, 20% larger, run a few percent faster.
+// Steps of kWideRows rows or more keep activations fp32: every product is an fp32 FMA on the
+// exactly dequantized weight, so the result equals x @ W^T of the dequantized weight up to
+// summation order. Fewer rows (batch-1 decode) take the 16-bit-activation kernels of
+// cpu_matmul_int16.cpp.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -24,31 +22,18 @@
 #include <torch/library.h>
 
 #include "cpu_ops.h"
+#include "cpu_q4.h"
 #include "cpu_simd.h"
 
 namespace {
 
-using miaotui_cpu::hsum;
+using namespace miaotui_cpu;
 
-template <typename S> inline float scalar(const uint8_t* p);
-template <> inline float scalar<uint16_t>(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-template <> inline float scalar<float>(const uint8_t* p) {
-  float f;
-  std::memcpy(&f, p, 4);
-  return f;
-}
-
-template <typename S> constexpr int64_t block_bytes() { return 2 * sizeof(S) + 16; }
-
-// The 32 weights of one block, dequantized into w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
+// The 32 weights of group g of a q4 row, dequantized into w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
 template <typename S>
-inline void dequant_block(const uint8_t* block, __m256 w[4]) {
-  const __m256 d = _mm256_set1_ps(scalar<S>(block)), m = _mm256_set1_ps(scalar<S>(block + sizeof(S)));
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * sizeof(S)));
+inline void dequant_group(const Q4Row<S>& row, int64_t g, __m256 w[4]) {
+  const __m256 d = _mm256_set1_ps(row.d(g)), m = _mm256_set1_ps(row.m(g));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes(g)));
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i lo = _mm_and_si128(bytes, mask);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
@@ -117,109 +102,19 @@ struct Q4Dot {
   int64_t N;
   template <int R>
   void run(int64_t r, int64_t n) const {
-    const uint8_t* row = blocks + n * (K / 32 * block_bytes<S>());
-    rows_dot<R>(x + r * K, K, [row](int64_t g, __m256 w[4]) { dequant_block<S>(row + g * block_bytes<S>(), w); },
-                1.0f, y + r * N + n, N);
+    const Q4Row<S> row{blocks + n * (K / 32 * q4_group_bytes<S>()), K / 32};
+    rows_dot<R>(x + r * K, K, [&row](int64_t g, __m256 w[4]) { dequant_group<S>(row, g, w); }, 1.0f, y + r * N + n, N);
   }
 };
-
-// Batch-1 steps (M < kWideRows): the fp32 path above spends most of its time turning codes into
-// floats. Here each activation row is first rounded to 16-bit integers per group of 32,
-// x ~ sx * x16 with sx = max|x| / 32767, and a group's 32 products q * x16 are summed exactly in
-// int32 by two madd_epi16 (|sum| <= 32 * 15 * 32767 < 2^24, so its float is exact too):
-//   y = sum_g d_g * sx_g * (q_g . x16_g) + m_g * sum(x_g),
-// with sum(x_g) of the unrounded fp32 x. The only rounding beyond fp32's is x's to 16 bits: at
-// most sx_g / 2 per element, 2^-16 of the group's largest |x| (bf16 activations: 2^-9 of each).
-constexpr int64_t kWideRows = 4;
-
-struct Int16Rows {
-  std::vector<int16_t> x16;  // [M, K]
-  std::vector<float> scale;  // [M, K / 32]: sx
-  std::vector<float> sum;    // [M, K / 32]: sum of the group's fp32 x
-  Int16Rows(const float* x, int64_t M, int64_t K) : x16(M * K), scale(M * K / 32), sum(M * K / 32) {
-    for (int64_t g = 0; g < M * K / 32; ++g) {
-      const float* xg = x + g * 32;
-      float amax = 0.0f, total = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        amax = std::max(amax, std::fabs(xg[i]));
-        total += xg[i];
-      }
-      const float sx = amax > 0.0f ? amax / 32767.0f : 1.0f;
-      for (int i = 0; i < 32; ++i) x16[g * 32 + i] = static_cast<int16_t>(std::lrintf(xg[i] / sx));
-      scale[g] = sx;
-      sum[g] = total;
-    }
-  }
-};
-
-// One activation row against one weight row on 16-bit activations. `group(g, q_lo, q_hi, d, m)`
-// yields group g's codes as 16-bit lanes (elements 0-15, 16-31) and its w = q * d + m; an offset
-// m enters through the group's unrounded fp32 sum of x. kOffsets = false: weights without one.
-template <bool kOffsets, typename Group>
-inline float int16_row_dot(const Int16Rows& xs, int64_t r, int64_t K, const Group& group) {
-  const int64_t G = K / 32;
-  const int16_t* x16 = xs.x16.data() + r * K;
-  const float* sx = xs.scale.data() + r * G;
-  const float* sum = xs.sum.data() + r * G;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float offsets = 0.0f;
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i q_lo, q_hi;
-    float d, m;
-    group(g, q_lo, q_hi, d, m);
-    const __m256i dot = _mm256_add_epi32(
-        _mm256_madd_epi16(q_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32))),
-        _mm256_madd_epi16(q_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + g * 32 + 16))));
-    const __m256 scaled = _mm256_set1_ps(d * sx[g]);
-    if (g & 1)
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc1);
-    else
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scaled, acc0);
-    if (kOffsets) offsets += m * sum[g];
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) + offsets;
-}
-
-// y = x W^T for M < kWideRows rows on 16-bit activations; `row_groups(n)` is weight row n's group
-// loader for int16_row_dot.
-template <bool kOffsets, typename RowGroups>
-void int16_rows(const float* x, int64_t M, int64_t K, float* y, int64_t N, const RowGroups& row_groups) {
-  const Int16Rows xs(x, M, K);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t n = n0; n < n1; ++n) y[r * N + n] = int16_row_dot<kOffsets>(xs, r, K, row_groups(n));
-  });
-}
-
-// Group loader of a q4 weight row: codes unsigned 0..15, w = q * d + m.
-template <typename S>
-struct Q4Groups {
-  const uint8_t* row;
-  void operator()(int64_t g, __m256i& q_lo, __m256i& q_hi, float& d, float& m) const {
-    const uint8_t* block = row + g * block_bytes<S>();
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * sizeof(S)));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                      // elements 0-15
-    q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // 16-31
-    d = scalar<S>(block);
-    m = scalar<S>(block + sizeof(S));
-  }
-};
-
-template <typename S>
-void q4_int16_rows(const float* x, int64_t M, int64_t K, const uint8_t* blocks, float* y, int64_t N) {
-  const int64_t row_bytes = K / 32 * block_bytes<S>();
-  int16_rows<true>(x, M, K, y, N, [&](int64_t n) { return Q4Groups<S>{blocks + n * row_bytes}; });
-}
 
 template <typename S>
 void dequantize_rows(const uint8_t* blocks, int64_t N, int64_t K, float* w) {
-  const int64_t row_bytes = K / 32 * block_bytes<S>();
+  const int64_t row_bytes = K / 32 * q4_group_bytes<S>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < K / 32; ++g) {
         __m256 v[4];
-        dequant_block<S>(blocks + n * row_bytes + g * block_bytes<S>(), v);
+        dequant_group<S>(Q4Row<S>{blocks + n * row_bytes, K / 32}, g, v);
         for (int c = 0; c < 4; ++c) _mm256_storeu_ps(w + n * K + g * 32 + 8 * c, v[c]);
       }
   });
@@ -246,20 +141,6 @@ struct Q8Dot {
   void run(int64_t r, int64_t n) const {
     const int8_t* row = q + n * K;
     rows_dot<R>(x + r * K, K, [row](int64_t g, __m256 w[4]) { int8_group(row, g, w); }, scales[n], y + r * N + n, N);
-  }
-};
-
-// The int16_rows group loader of a Q8_0 row (see Q8GroupDot below), for steps of M < kWideRows
-// rows: codes signed -128..127, w = q * d. A group's 32 products q * x16 are summed exactly in
-// int32 (|sum| <= 32 * 128 * 32767 < 2^28), then scaled by d_g * sx_g.
-struct Q8Groups {
-  const int8_t* row;
-  const float* d;
-  void operator()(int64_t g, __m256i& q_lo, __m256i& q_hi, float& scale, float& offset) const {
-    q_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32)));
-    q_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16)));
-    scale = d[g];
-    offset = 0.0f;
   }
 };
 
@@ -315,10 +196,8 @@ at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (M < kWideRows) {
-    const int8_t* q = qweight.data_ptr<int8_t>();
-    const float* d = group_scales.data_ptr<float>();
-    int16_rows<false>(x.data_ptr<float>(), M, K, y.data_ptr<float>(), N,
-                      [&](int64_t n) { return Q8Groups{q + n * K, d + n * (K / 32)}; });
+    q8_group_int16_matmul(x.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
+                          y.data_ptr<float>(), N);
     return y;
   }
   tiled_rows(M, N, Q8GroupDot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
@@ -332,7 +211,7 @@ void check_blocks(const at::Tensor& blocks, int64_t K, bool fp16_scales) {
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.is_cpu(),
               "q4 blocks: must be a contiguous CPU uint8 [N, K / 32 * block bytes] tensor");
   TORCH_CHECK(K % 32 == 0, "q4 blocks: in_features ", K, " is not a multiple of 32");
-  const int64_t per_block = fp16_scales ? block_bytes<uint16_t>() : block_bytes<float>();
+  const int64_t per_block = fp16_scales ? q4_group_bytes<uint16_t>() : q4_group_bytes<float>();
   TORCH_CHECK(blocks.size(1) == K / 32 * per_block, "q4 blocks: ", blocks.size(1), " bytes per row do not fit ",
               K, " in_features");
 }
@@ -347,8 +226,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_sc
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (M < kWideRows) {
-    (fp16_scales ? q4_int16_rows<uint16_t> : q4_int16_rows<float>)(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(),
-                                                                    y.data_ptr<float>(), N);
+    q4_int16_matmul(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), fp16_scales, y.data_ptr<float>(), N);
     return y;
   }
   if (fp16_scales)

@@ -1,10 +1,11 @@
-"""4-bit weights in the block layout of miaotui's own CPU kernel (kernels/cpu_matmul.cpp).
+"""4-bit weights in the q4 layout of miaotui's own CPU kernels (kernels/cpu_q4.h).
 
-A weight [N, K] becomes uint8 [N, K / 32 * B]: per row, K / 32 blocks of the scale d, the offset
-m (w = q * d + m; m = zero - 8 * scale of an Int4Weight) and 16 bytes of codes, byte j holding
-element j in its low nibble and j + 16 in its high one, as GGUF stores Q4_0 / Q4_1. Scales are
-fp16 (B = 20, the file's own size) when fp16 holds every d and m exactly, as it does for the
-Q4_0 / Q4_1 blocks of a GGUF file; otherwise fp32 (B = 24), so the layout never rounds a weight.
+A weight [N, K] becomes uint8 [N, K / 32 * B]: per row, the 16 code bytes of each of its K / 32
+groups of 32 (byte j holding element j in its low nibble and j + 16 in its high one, as GGUF
+stores Q4_0 / Q4_1), then the groups' scales d, then their offsets m (w = q * d + m; m = zero -
+8 * scale of an Int4Weight). Scales are fp16 (B = 20, the file's own size) when fp16 holds every
+d and m exactly, as it does for the Q4_0 / Q4_1 blocks of a GGUF file; otherwise fp32 (B = 24),
+so the layout never rounds a weight.
 
 Against torch's int4 kernel (bf16 activations, bf16 scales, bf16 output) this one multiplies fp32
 activations by the exactly dequantized weight, so the result is the fp32 matmul's up to
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from miaotui.layers.packed import INT4_GROUP, Int4Weight
+from miaotui.layers.packed import INT4_GROUP, Int4Weight, q4_rows
 
 _HALF_CODES = INT4_GROUP // 2
 
@@ -34,8 +35,7 @@ def pack_q4_blocks(weight: Int4Weight) -> tuple[torch.Tensor, bool]:
     d = weight.scale.float()
     m = weight.zero.float() - 8 * d
     fp16 = _exact_in_fp16(d) and _exact_in_fp16(m)
-    scales = torch.stack([d, m], -1).to(torch.float16 if fp16 else torch.float32)  # [n, groups, 2]
+    dtype = torch.float16 if fp16 else torch.float32
     codes = weight.codes.view(n, groups, INT4_GROUP)
     nibbles = codes[..., :_HALF_CODES] | (codes[..., _HALF_CODES:] << 4)  # [n, groups, 16]
-    blocks = torch.cat([scales.view(torch.uint8), nibbles], -1)
-    return blocks.reshape(n, -1).contiguous(), fp16
+    return q4_rows(nibbles, d.to(dtype).view(torch.uint8), m.to(dtype).view(torch.uint8)), fp16

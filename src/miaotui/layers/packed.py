@@ -97,16 +97,24 @@ class Int8GroupWeight(_Grouped):
         return (groups * self.scale[ids][..., None]).view(n, k)
 
 
-Q4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of codes
+Q4_BLOCK_BYTES = 20  # per group of 32 weights: 16 bytes of codes, an fp16 d and an fp16 m
+
+
+def q4_rows(nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The q4 layout's rows (kernels/cpu_q4.h) from nibbles uint8 [N, G, 16] and the bytes of
+    d and m ([N, G * size] uint8): per row, all codes, then all d, then all m."""
+    n = nibbles.shape[0]
+    return torch.cat([nibbles.reshape(n, -1), d.reshape(n, -1), m.reshape(n, -1)], 1).contiguous()
 
 
 @dataclass(slots=True)
 class Q4Blocks(_Grouped):
-    """A 4-bit weight already in the block layout of miaotui's q4 kernel (layers/int4_blocks.py)
-    with fp16 scales: per row K / 32 blocks of d, m (w = q * d + m) and 16 code bytes, byte j
-    holding element j low and j + 16 high. GGUF's Q4_1 blocks are exactly this; Q4_0's are with
-    m = -8 d inserted. The loader hands these over as they are: no unpacking into codes and
-    packing back (loader/gguf_quant.py: q4_blocks)."""
+    """A 4-bit weight already in the q4 layout of miaotui's kernels (kernels/cpu_q4.h) with fp16
+    scales: per row, the 16 code bytes of each group of 32 (byte j holding element j low and
+    j + 16 high), then the groups' d, then their m (w = q * d + m). GGUF's Q4_1 blocks hold
+    exactly these bytes (d, m, codes per block), Q4_0's do with m = -8 d; the loader regroups
+    them into rows while copying them out of the file: no unpacking into codes and packing back
+    (loader/gguf_quant.py: q4_blocks)."""
 
     blocks: torch.Tensor  # uint8 [N, K / 32 * Q4_BLOCK_BYTES]
 
@@ -121,10 +129,10 @@ class Q4Blocks(_Grouped):
     def to_int4(self) -> Int4Weight:
         """The same weight as an Int4Weight (for torch's int4 kernel and for lookups)."""
         n, k = self.shape
-        b = self.blocks.reshape(n, k // INT4_GROUP, Q4_BLOCK_BYTES)
-        d = b[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
-        m = b[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
-        qs = b[..., 4:]
+        groups = k // INT4_GROUP
+        qs = self.blocks[:, : groups * 16].reshape(n, groups, 16)
+        d = self.blocks[:, groups * 16: groups * 18].contiguous().view(torch.float16).float()
+        m = self.blocks[:, groups * 18:].contiguous().view(torch.float16).float()
         codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)
         return Int4Weight(codes, d, m + 8 * d)
 

@@ -3,7 +3,7 @@ the model pass that swaps them in.
 
 - int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), on
   one of two kernels:
-  - "q4", where miaotui's own CPU kernel builds (kernels/cpu_build.py): the block layout of
+  - "q4", where miaotui's own CPU kernel builds (kernels/cpu_build.py): the q4 layout of
     layers/int4_blocks.py, fp32 activations (rounded to 16 bits per group of 32 in steps of 1-3
     rows), exact fp32 products; from Q4_DENSE_MIN_ROWS rows the weight is dequantized and
     multiplied by a dense fp32 GEMM.

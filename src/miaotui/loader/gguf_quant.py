@@ -9,7 +9,7 @@ w = (q - 8) * scale + zero with scale = a and zero = b + 8a (layers/quantized.py
   nibbles; sub-block j: w = d * sc_j * q - dmin * m_j -> scale d * sc_j, zero 8 d sc_j - dmin m_j.
 The codes move over unchanged; only the scale and zero are later rounded to bf16 for torch's kernel.
 Where miaotui's q4 kernel runs, Q4_0 / Q4_1 skip the unpacking: `q4_blocks` hands over the file's
-bytes in that kernel's block layout (layers/packed.py: Q4Blocks), Q4_0's with m = -8 d inserted.
+bytes regrouped into that kernel's rows (layers/packed.py: Q4Blocks), Q4_0's with m = -8 d inserted.
 Nibble order: in Q4_0/Q4_1 byte i holds weights i (low) and i + 16 (high) of its block; in Q4_K
 each 32-byte run holds a 64-weight chunk, low nibbles first.
 """
@@ -65,25 +65,28 @@ def unpack_int4(tensor: Any) -> Int4Weight:
 
 
 def q4_blocks(tensor: Any) -> Q4Blocks | None:
-    """A GGUF Q4_1 matrix's bytes as the q4 kernel's blocks, or a Q4_0 one's with m = -8 d
-    inserted (exact in fp16); None where that would overflow fp16 (|d| > 8191)."""
+    """A GGUF Q4_1 matrix's bytes regrouped into the q4 kernel's rows (each block's d, m and
+    codes moved to the row's codes, d's and m's), or a Q4_0 one's with m = -8 d inserted (exact
+    in fp16); None where that would overflow fp16 (|d| > 8191)."""
     kind = tensor.tensor_type.name
     if kind not in ("Q4_0", "Q4_1"):
         raise ValueError(f"{tensor.name}: GGUF type {kind} is not Q4_0 or Q4_1")
     n, k = (int(d) for d in reversed(tensor.shape))
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // INT4_GROUP, -1)
+    groups = k // INT4_GROUP
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, groups, -1)
+    rows = np.empty((n, groups * Q4_BLOCK_BYTES), dtype=np.uint8)  # the one copy out of the file's map
+    rows[:, : groups * 16] = raw[..., -16:].reshape(n, -1)
+    rows[:, groups * 16: groups * 18] = raw[..., 0:2].reshape(n, -1)
     if kind == "Q4_1":
-        return Q4Blocks(torch.from_numpy(raw.reshape(n, -1).copy()))  # a copy: the file's map is read-only
-    blocks = np.empty((n, k // INT4_GROUP, Q4_BLOCK_BYTES), dtype=np.uint8)
+        rows[:, groups * 18:] = raw[..., 2:4].reshape(n, -1)
+        return Q4Blocks(torch.from_numpy(rows))
     d = raw[..., 0:2].copy().view(np.float16)
     with np.errstate(over="ignore"):
         m = (d * np.float16(-8)).astype(np.float16)
     if not np.isfinite(m).all():
         return None
-    blocks[..., 0:2] = raw[..., 0:2]
-    blocks[..., 2:4] = m.view(np.uint8)
-    blocks[..., 4:] = raw[..., 2:]
-    return Q4Blocks(torch.from_numpy(blocks.reshape(n, -1)))
+    rows[:, groups * 18:] = m.view(np.uint8).reshape(n, -1)
+    return Q4Blocks(torch.from_numpy(rows))
 
 
 def unpack_q8_0(tensor: Any) -> Int8GroupWeight:
