@@ -36,16 +36,20 @@ class ServerState:
     def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
         def load() -> None:
             try:
-                engine = self._factory()
-                # Chat templates need the transformers tokenizer: load it before the first request.
-                transformers_tokenizer(engine.engine.tokenizer)
-                self.engine = engine
+                self.engine = self._factory()
                 logger.info("model loaded: %s (context %d tokens)", self.model_name, self.max_model_len)
             except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
                 self.load_error = exc
                 logger.error("loading the model failed: %s", exc)
                 if on_error is not None:
                     on_error(exc)
+                return
+            # Chat templates need the transformers tokenizer: load it now, in the background,
+            # rather than in the first chat request (which meanwhile waits for it, if it comes).
+            try:
+                transformers_tokenizer(self.engine.engine.tokenizer)
+            except Exception as exc:  # noqa: BLE001 - plain prompts still work; a chat request reports it
+                logger.warning("loading the chat template's tokenizer failed: %s", exc)
 
         thread = threading.Thread(target=load, name="miaotui-load", daemon=True)
         thread.start()
