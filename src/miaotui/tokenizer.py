@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,33 @@ def _load_cached(folder: Path) -> Any:
     return loader.from_pretrained(str(folder), local_files_only=True)
 
 
+def _convert_gguf_tokenizer(path: Path) -> Any:
+    # One step with no inner progress to report: the bar shows that work is going on and its time.
+    with tqdm(total=1, desc=f"Building the tokenizer of {path.name} (cached after the first load)",
+              bar_format="{desc}: {elapsed}", leave=False) as bar:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        bar.update(1)
+    return tokenizer
+
+
+def _full_gguf_tokenizer(path: Path, cached: Path) -> Any:
+    """The transformers tokenizer behind a core: from the cache, else (the cache was removed or
+    damaged since) converted from the GGUF file again."""
+    try:
+        return _load_cached(cached)
+    except (OSError, ValueError, KeyError):
+        return _convert_gguf_tokenizer(path)
+
+
 def _load_gguf_tokenizer(path: Path) -> Any:
     """The cached tokenizer: its Rust core alone when the cache has one for this transformers
     (tokenizer_core.py; no transformers import on the way to the first token), else through
     transformers, which then writes the core for next time."""
     cached = _gguf_cache_folder(path)
     if (cached / "tokenizer_config.json").is_file():
-        core = load_core(cached, lambda: _load_cached(cached))
+        core = load_core(cached, lambda: _full_gguf_tokenizer(path, cached))
         if core is not None:
             return core
         try:
@@ -65,13 +86,8 @@ def _load_gguf_tokenizer(path: Path) -> Any:
             if _is_plain_fast(cached):
                 save_core(cached, tokenizer)
             return tokenizer
-    # One step with no inner progress to report: the bar shows that work is going on and its time.
-    with tqdm(total=1, desc=f"Building the tokenizer of {path.name} (cached after the first load)",
-              bar_format="{desc}: {elapsed}", leave=False) as bar:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        bar.update(1)
+    tokenizer = _convert_gguf_tokenizer(path)
+    tmp = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary folder and rename, so a concurrent reader never sees half a cache.
@@ -79,9 +95,12 @@ def _load_gguf_tokenizer(path: Path) -> Any:
         tokenizer.save_pretrained(str(tmp))
         if _is_plain_fast(tmp):
             save_core(tmp, tokenizer)
+        if cached.exists():  # a damaged entry: a rename cannot replace a non-empty folder
+            shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
     except OSError:
-        pass  # a read-only cache only costs speed
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
     return tokenizer
 
 

@@ -114,3 +114,56 @@ def test_a_damaged_core_is_ignored_and_rewritten(cache, embedded_gguf):
     assert not isinstance(tok, CoreTokenizer) and tok.decode(tok.encode("Hi there")) == "Hi there"
     assert (cache / CORE_FILE).read_text() == good
     assert isinstance(load_tokenizer(embedded_gguf, is_gguf=True), CoreTokenizer)
+
+
+def test_a_core_paired_with_another_cores_meta_is_ignored(cache, embedded_gguf):
+    meta = json.loads((cache / META_FILE).read_text())
+    (cache / META_FILE).write_text(json.dumps(dict(meta, core_sha256="0" * 64)))
+    assert not isinstance(load_tokenizer(embedded_gguf, is_gguf=True), CoreTokenizer)
+    assert json.loads((cache / META_FILE).read_text()) == meta
+
+
+def test_the_full_tokenizer_is_rebuilt_from_the_gguf_when_the_cache_went_away(cache, embedded_gguf):
+    core = load_tokenizer(embedded_gguf, is_gguf=True)
+    assert isinstance(core, CoreTokenizer) and core.full_pending
+    shutil.rmtree(cache)  # e.g. a cache cleaner, after start-up
+    assert "<|im_start|>" in core.chat_template and not core.full_pending
+    assert core.decode(core.encode("still works")) == "still works"
+
+
+def test_a_failed_full_load_is_a_clear_error_raised_again_not_retried():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise AttributeError("no such thing")  # from inside a property: must not recurse via __getattr__
+
+    tok = CoreTokenizer(Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")), {"eos_token_id": 0}, broken)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="could not be loaded: no such thing"):
+            tok.chat_template
+    assert calls == [1] and not tok.full_pending
+    assert tok.decode([0]) == "a" and tok.eos_token_id == 0
+
+
+def test_decode_takes_numpy_and_torch_ids(cache, embedded_gguf):
+    import numpy as np
+    import torch
+
+    core = load_tokenizer(embedded_gguf, is_gguf=True)
+    ids = core.encode("Hello world")
+    assert core.decode(np.array(ids)) == core.decode(torch.tensor(ids)) == core.decode(ids) == "Hello world"
+    assert core.decode(np.int64(ids[0])) == core.decode(ids[0])
+
+
+def test_a_damaged_cache_entry_is_rebuilt_in_place(cache, embedded_gguf):
+    (cache / META_FILE).unlink()
+    (cache / "tokenizer.json").write_text("{ not json")
+    tok = load_tokenizer(embedded_gguf, is_gguf=True)
+    assert tok.decode(tok.encode("Hi there")) == "Hi there"
+    assert json.loads((cache / "tokenizer.json").read_text())  # the entry itself was replaced
+    assert isinstance(load_tokenizer(embedded_gguf, is_gguf=True), CoreTokenizer)
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary folder left

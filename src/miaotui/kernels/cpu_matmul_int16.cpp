@@ -57,6 +57,9 @@ struct Int16Rows {
   }
 };
 
+// Tiles up to this size are prefetched whole (a quarter of a 32 KiB L1 data cache).
+constexpr int64_t kPrefetchTileBytes = 8192;
+
 // Groups whose d * sx a q4 tile computes ahead of its main loop (a stack buffer of R x 64 floats).
 constexpr int64_t kChunk = 64;
 
@@ -91,10 +94,20 @@ inline void q4_tile(const int16_t* x16, const float* sx, const float* sum, int64
   }
   alignas(32) float ds[R][kChunk];
   // The tile after next into L1 now: a batch-1 step streams each weight row once, and its
-  // first touches (the scales, read ahead of the codes) would otherwise wait on memory.
-  // Prefetches never fault, so running past the matrix's end is harmless.
-  for (int64_t at = 0; at < R * row_bytes; at += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(row0 + 2 * R * row_bytes + at), _MM_HINT_T0);
+  // first touches (the scales, read ahead of the codes) would otherwise wait on memory. A tile
+  // too large for a few to sit in L1 (long rows) gets only its scales and first code bytes
+  // fetched; the hardware follows the code stream from there. Prefetches never fault, so
+  // running past the matrix's end is harmless.
+  const uint8_t* next = row0 + 2 * R * row_bytes;
+  if (R * row_bytes <= kPrefetchTileBytes) {
+    for (int64_t at = 0; at < R * row_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(next + at), _MM_HINT_T0);
+  } else {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = next + r * row_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+      for (int64_t at = G * 16; at < row_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+    }
+  }
   for (int64_t c0 = 0; c0 < G; c0 += kChunk) {
     const int64_t c1 = std::min(G, c0 + kChunk);
     for (int r = 0; r < R; ++r) {  // d * sx and the offsets, 8 groups at a time

@@ -24,7 +24,6 @@ from miaotui.server.errors import APIError, bad_request, error_body, install_err
 from miaotui.server.openai_routes import add_openai_routes
 from miaotui.server.protocol import DetokenizeRequest, TokenizeRequest
 from miaotui.server.state import ServerState
-from miaotui.tokenizer import chat_prompt_ids
 
 STATIC_DIR = resources.files("miaotui.server") / "static"
 # Reachable without an API key: the liveness probe and the chat page's own files (the page asks
@@ -146,8 +145,8 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         try:
             if body.messages is not None:
-                ids = chat_prompt_ids(state.tokenizer, [m.as_template_message() for m in body.messages],
-                                      body.add_generation_prompt)
+                ids = await state.chat_prompt_ids([m.as_template_message() for m in body.messages],
+                                                 body.add_generation_prompt)
             else:
                 ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as exc:

@@ -25,7 +25,6 @@ from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, bad_request, error_body
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
 from miaotui.server.state import ServerState
-from miaotui.tokenizer import chat_prompt_ids
 
 @dataclass(slots=True)
 class _Job:
@@ -300,7 +299,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model = state.check_model(body.model)
     messages = [m.as_template_message() for m in body.messages]
     try:
-        ids = chat_prompt_ids(state.tokenizer, messages, body.add_generation_prompt, body.chat_template)
+        ids = await state.chat_prompt_ids(messages, body.add_generation_prompt, body.chat_template)
     except ValueError as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from exc
     job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl")

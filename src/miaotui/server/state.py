@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -11,7 +12,8 @@ from miaotui.config import ServerConfig
 from miaotui.engine.async_engine import AsyncLLMEngine
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import ServerMetrics
-from miaotui.tokenizer_core import transformers_tokenizer
+from miaotui.tokenizer import chat_prompt_ids
+from miaotui.tokenizer_core import CoreTokenizer, transformers_tokenizer
 
 logger = logging.getLogger("miaotui.server")
 
@@ -67,6 +69,20 @@ class ServerState:
     @property
     def tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    async def chat_prompt_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                              chat_template: str | None = None) -> list[int]:
+        """`tokenizer.chat_prompt_ids` on the engine's tokenizer. While its transformers tokenizer
+        is still loading (tokenizer_core.py), in a worker thread: the event loop must not wait
+        for it. A tokenizer that failed to load is a 503 that says why."""
+        tokenizer = self.tokenizer
+        args = (tokenizer, messages, add_generation_prompt, chat_template)
+        try:
+            if isinstance(tokenizer, CoreTokenizer) and tokenizer.full_pending:
+                return await asyncio.to_thread(chat_prompt_ids, *args)
+            return chat_prompt_ids(*args)
+        except RuntimeError as exc:
+            raise APIError(503, f"chat templates are unavailable: {exc}") from exc
 
     @property
     def max_model_len(self) -> int:
