@@ -12,6 +12,7 @@
 // summation order. Fewer rows (batch-1 decode) take the 16-bit-activation kernels of
 // cpu_matmul_int16.cpp.
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -69,43 +70,45 @@ inline void rows_dot(const float* x, int64_t K, const Load& load, float scale, f
   }
 }
 
-// Every (activation row, weight row) dot of y = x W^T, R activation rows at a time (R = 8, 4, 2,
-// 1), by `Dot::run<R>(r, n)`. Output rows are split across threads, then cut into panels of
-// kPanelRows weight rows: a panel (~23 KB of 4-bit weights at K = 576) stays in L2 while every
-// tile of activation rows (~18 KB for 8 rows) passes over it from L1. Streaming all of x past
-// each weight row instead made batch-16 steps L2-bound.
-template <typename Dot>
-void tiled_rows(int64_t M, int64_t N, const Dot& dot) {
+// One activation tile (R rows from r) against weight rows [p0, p1); `row(n)` gives weight row n
+// as (its group loader for rows_dot, the scale of its dots).
+template <int R, typename Row>
+inline void panel_dots(const float* x, int64_t K, float* y, int64_t N, const Row& row, int64_t r, int64_t p0,
+                       int64_t p1) {
+  for (int64_t n = p0; n < p1; ++n) {
+    const auto [load, scale] = row(n);
+    rows_dot<R>(x + r * K, K, load, scale, y + r * N + n, N);
+  }
+}
+
+// Every (activation row, weight row) dot of y [M, N] = x [M, K] W^T, R activation rows at a time
+// (R = 8, 4, 2, 1). Output rows are split across threads, then cut into panels of kPanelRows
+// weight rows: a panel (~23 KB of 4-bit weights at K = 576) stays in L2 while every tile of
+// activation rows (~18 KB for 8 rows) passes over it from L1. Streaming all of x past each
+// weight row instead made batch-16 steps L2-bound.
+template <typename Row>
+void tiled_rows(const float* x, int64_t M, int64_t K, float* y, int64_t N, const Row& row) {
   constexpr int64_t kPanelRows = 64;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
       const int64_t p1 = std::min(n1, p0 + kPanelRows);
       int64_t r = 0;
-      for (; r + 8 <= M; r += 8)
-        for (int64_t n = p0; n < p1; ++n) dot.template run<8>(r, n);
-      for (; r + 4 <= M; r += 4)
-        for (int64_t n = p0; n < p1; ++n) dot.template run<4>(r, n);
-      for (; r + 2 <= M; r += 2)
-        for (int64_t n = p0; n < p1; ++n) dot.template run<2>(r, n);
-      for (; r < M; ++r)
-        for (int64_t n = p0; n < p1; ++n) dot.template run<1>(r, n);
+      for (; r + 8 <= M; r += 8) panel_dots<8>(x, K, y, N, row, r, p0, p1);
+      for (; r + 4 <= M; r += 4) panel_dots<4>(x, K, y, N, row, r, p0, p1);
+      for (; r + 2 <= M; r += 2) panel_dots<2>(x, K, y, N, row, r, p0, p1);
+      for (; r < M; ++r) panel_dots<1>(x, K, y, N, row, r, p0, p1);
     }
   });
 }
 
+// y = x W^T for a q4 weight (rows of cpu_q4.h) on fp32 activations.
 template <typename S>
-struct Q4Dot {
-  const float* x;
-  int64_t K;
-  const uint8_t* blocks;
-  float* y;
-  int64_t N;
-  template <int R>
-  void run(int64_t r, int64_t n) const {
+void q4_tiled(const float* x, int64_t M, int64_t K, const uint8_t* blocks, float* y, int64_t N) {
+  tiled_rows(x, M, K, y, N, [=](int64_t n) {
     const Q4Row<S> row{blocks + n * (K / 32 * q4_group_bytes<S>()), K / 32};
-    rows_dot<R>(x + r * K, K, [&row](int64_t g, __m256 w[4]) { dequant_group<S>(row, g, w); }, 1.0f, y + r * N + n, N);
-  }
-};
+    return std::make_pair([row](int64_t g, __m256 w[4]) { dequant_group<S>(row, g, w); }, 1.0f);
+  });
+}
 
 template <typename S>
 void dequantize_rows(const uint8_t* blocks, int64_t N, int64_t K, float* w) {
@@ -120,7 +123,7 @@ void dequantize_rows(const uint8_t* blocks, int64_t N, int64_t K, float* w) {
   });
 }
 
-// int8 weights with one scale per output row: the 32 weights of group g of a row, as floats.
+// int8 codes: the 32 of group g of a row, as floats (unscaled).
 inline void int8_group(const int8_t* row, int64_t g, __m256 w[4]) {
   const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32));
   const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16));
@@ -129,41 +132,6 @@ inline void int8_group(const int8_t* row, int64_t g, __m256 w[4]) {
   w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
 }
-
-struct Q8Dot {
-  const float* x;
-  int64_t K;
-  const int8_t* q;
-  const float* scales;
-  float* y;
-  int64_t N;
-  template <int R>
-  void run(int64_t r, int64_t n) const {
-    const int8_t* row = q + n * K;
-    rows_dot<R>(x + r * K, K, [row](int64_t g, __m256 w[4]) { int8_group(row, g, w); }, scales[n], y + r * N + n, N);
-  }
-};
-
-// int8 weights in groups of 32 with a scale per group, as GGUF's Q8_0 stores them (w = d * q;
-// d an fp16 value held in fp32): q * d is exact in fp32 (8 + 11 significant bits).
-struct Q8GroupDot {
-  const float* x;
-  int64_t K;
-  const int8_t* q;
-  const float* group_scales;
-  float* y;
-  int64_t N;
-  template <int R>
-  void run(int64_t r, int64_t n) const {
-    const int8_t* row = q + n * K;
-    const float* d = group_scales + n * (K / 32);
-    rows_dot<R>(x + r * K, K, [row, d](int64_t g, __m256 w[4]) {
-      int8_group(row, g, w);
-      const __m256 dg = _mm256_set1_ps(d[g]);
-      for (int c = 0; c < 4; ++c) w[c] = _mm256_mul_ps(w[c], dg);
-    }, 1.0f, y + r * N + n, N);
-  }
-};
 
 }  // namespace
 
@@ -179,8 +147,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
               "q8_linear: scales must be contiguous fp32 [N]");
   at::Tensor y = at::empty({M, N}, x.options());
-  tiled_rows(M, N, Q8Dot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(),
-                          y.data_ptr<float>(), N});
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  tiled_rows(x.data_ptr<float>(), M, K, y.data_ptr<float>(), N, [=](int64_t n) {
+    const int8_t* row = q + n * K;
+    return std::make_pair([row](int64_t g, __m256 w[4]) { int8_group(row, g, w); }, s[n]);
+  });
   return y;
 }
 
@@ -200,8 +172,19 @@ at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const
                           y.data_ptr<float>(), N);
     return y;
   }
-  tiled_rows(M, N, Q8GroupDot{x.data_ptr<float>(), K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
-                               y.data_ptr<float>(), N});
+  // w = d * q per group of 32 (GGUF's Q8_0; d an fp16 value held in fp32): q * d is exact in
+  // fp32 (8 + 11 significant bits).
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* scales = group_scales.data_ptr<float>();
+  tiled_rows(x.data_ptr<float>(), M, K, y.data_ptr<float>(), N, [=](int64_t n) {
+    const int8_t* row = q + n * K;
+    const float* d = scales + n * (K / 32);
+    return std::make_pair([row, d](int64_t g, __m256 w[4]) {
+      int8_group(row, g, w);
+      const __m256 dg = _mm256_set1_ps(d[g]);
+      for (int c = 0; c < 4; ++c) w[c] = _mm256_mul_ps(w[c], dg);
+    }, 1.0f);
+  });
   return y;
 }
 
@@ -229,10 +212,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_sc
     q4_int16_matmul(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), fp16_scales, y.data_ptr<float>(), N);
     return y;
   }
-  if (fp16_scales)
-    tiled_rows(M, N, Q4Dot<uint16_t>{x.data_ptr<float>(), K, blocks.data_ptr<uint8_t>(), y.data_ptr<float>(), N});
-  else
-    tiled_rows(M, N, Q4Dot<float>{x.data_ptr<float>(), K, blocks.data_ptr<uint8_t>(), y.data_ptr<float>(), N});
+  (fp16_scales ? q4_tiled<uint16_t> : q4_tiled<float>)(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(),
+                                                        y.data_ptr<float>(), N);
   return y;
 }
 
