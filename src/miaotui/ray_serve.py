@@ -19,6 +19,7 @@ Use it from Python (`serve.run(build_application(...))`) or as `miaotui serve --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -83,12 +84,19 @@ def build_application(model_config: ModelConfig, cache_config: CacheConfig, sche
                       max_ongoing_requests: int | None = None, max_queued_requests: int = 64,
                       graceful_shutdown_s: float = 30.0, gpus_per_replica: float | None = None) -> Any:
     """The Serve application (pass it to `serve.run`). `max_ongoing_requests` defaults to the
-    engine's max_num_seqs: a replica takes as many requests as it decodes at once.
+    engine's max_num_seqs: a replica takes as many requests as it decodes at once. A CPU replica's
+    kernels use `cpus_per_replica` threads unless `model_config.threads` says otherwise.
     `gpus_per_replica` defaults to the tensor-parallel size on CUDA (Ray shows an actor only the
     GPUs it reserved), else 0."""
+    on_cuda = str(model_config.device).startswith("cuda")
     if gpus_per_replica is None:
-        on_cuda = str(model_config.device).startswith("cuda")
         gpus_per_replica = float(model_config.tensor_parallel_size) if on_cuda else 0.0
+    if model_config.threads is None and not on_cuda:
+        # A replica's kernels use the CPUs it reserved, not every core of the node: R replicas
+        # each taking all cores ran R times the node's threads, and a busy node's latency
+        # then degraded many-fold (two replicas on 2 cores: 8 requests 4.9 s -> 50 s with one
+        # core taken by another process; 1.5 s with a thread each).
+        model_config = dataclasses.replace(model_config, threads=max(1, int(cpus_per_replica)))
     serve = _require_ray()
     from ray.serve.config import BackpressureConfig
 
@@ -109,7 +117,9 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true",
                    help="serve replicas behind Ray Serve (joins $RAY_ADDRESS, else starts a local Ray)")
     p.add_argument("--num-replicas", type=int, default=1, help="with --ray: engine replicas")
-    p.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
+    p.add_argument("--ray-cpus-per-replica", type=float, default=1.0,
+                   help="with --ray: CPUs reserved per replica (on the CPU also its kernels' threads, "
+                        "unless --threads is given)")
 
 
 def run_ray_serve(args: argparse.Namespace, model_config: ModelConfig, cache_config: CacheConfig,
