@@ -83,10 +83,13 @@ def test_nonstreaming_client_that_leaves_frees_its_blocks(embedded_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", json={"prompt": "Tell me everything.", "max_tokens": 2000,
                                                     "ignore_eos": True}, timeout=1.5)
+    # Both at once: a scrape can fall between the scheduler dropping the request from the running
+    # set and the engine freeing its blocks.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         metrics = httpx.get(base + "/metrics").text
-        if _metric(metrics, "miaotui_num_requests_running") == 0:
+        if (_metric(metrics, "miaotui_num_requests_running") == 0
+                and _metric(metrics, "miaotui_kv_cache_usage_ratio") == 0.0):
             break
         time.sleep(0.2)
     assert _metric(metrics, "miaotui_num_requests_running") == 0
@@ -95,20 +98,24 @@ def test_nonstreaming_client_that_leaves_frees_its_blocks(embedded_server):
 
 def test_sigterm_finishes_in_flight_request_then_exits_0(tmp_path, embedded_gguf):
     with serve(tmp_path, "--kv-cache-memory", "0.25", "--max-model-len", "1024", "--graceful-shutdown", "60") as server:
-        result = {}
+        lines: list[str] = []
+        first_chunk = threading.Event()
 
         def long_stream():
-            body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
+            # Long enough (~2-3 s here) to be mid-stream when SIGTERM lands.
+            body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=120) as resp:
-                result["lines"] = [line for line in resp.iter_lines() if line.startswith("data: ")]
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        first_chunk.set()
 
         t = threading.Thread(target=long_stream)
         t.start()
-        time.sleep(1.0)  # the request is streaming
+        assert first_chunk.wait(60), "no streamed chunk in 60 s"  # the request is streaming
         code = server.terminate(timeout=120)
         t.join(30)
-        assert code == 0, server.log_text()
-        lines = result["lines"]
+        assert not t.is_alive() and code == 0, server.log_text()
         assert lines[-1] == "data: [DONE]"
         last = json.loads(lines[-2][6:])
         assert last["choices"][0]["finish_reason"] == "length"

@@ -6,10 +6,12 @@ and the other replica keeps serving, and SIGTERM drains and exits 0."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -88,13 +90,14 @@ def test_openai_client_through_serve_spreads_over_replicas(ray_server):
 
 
 def test_serve_backpressure_is_429(ray_server):
-    """2 replicas x 4 ongoing + 8 queued at the proxy: 32 long requests at once overflow it."""
+    """2 replicas x 4 ongoing + 8 queued at the proxy: 64 long requests at once overflow it
+    (four times its room, so early finishers cannot make room for the whole burst)."""
     _, base, *_ = ray_server
     started = time.monotonic()
     _complete(base, 480)
     print(f"one 480-token request alone: {time.monotonic() - started:.2f} s")
-    with cf.ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda _: _complete(base, 480), range(32)))
+    with cf.ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(lambda _: _complete(base, 480), range(64)))
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) >= 8 and 429 in statuses, statuses
     rejected = next(r for r in responses if r.status_code == 429)
@@ -144,14 +147,47 @@ def test_killing_a_replica_hangs_nothing_and_the_other_serves(ray_server):
         time.sleep(0.2)
 
 
+def _stream_lines(base: str, max_tokens: int, first_chunk: threading.Event) -> tuple[int, list[str]]:
+    """A streamed completion: (status, its data lines); sets `first_chunk` once one arrived."""
+    body = {"prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    lines = []
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                first_chunk.set()
+        return resp.status_code, lines
+
+
 def test_sigterm_drains_and_exits_0(ray_server):
     proc, base, *_, log = ray_server
+    first_chunk = threading.Event()
     with cf.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(_complete, base, 100)
-        time.sleep(0.3)
+        in_flight = pool.submit(_stream_lines, base, 400, first_chunk)
+        # Its first chunk: the request runs in a replica (not still in the proxy's queue).
+        assert first_chunk.wait(60), in_flight.exception() if in_flight.done() else "no chunk in 60 s"
         proc.send_signal(signal.SIGTERM)
-        assert in_flight.result().status_code == 200  # accepted before SIGTERM: finished, not dropped
+        status, lines = in_flight.result(timeout=120)  # accepted before SIGTERM: finished, not dropped
+    assert status == 200 and lines[-1] == "data: [DONE]", lines[-3:]
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(120) == 0, log.read_text()[-3000:]
+
+
+def test_cpu_replica_threads_follow_its_reserved_cpus(tiny_server_model):
+    """A CPU replica's kernels use the CPUs Ray reserved for it (R replicas must not each take
+    every core of the node); an explicit thread count is kept."""
+    from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+    from miaotui.ray_serve import build_application
+
+    def replica_threads(model_config: ModelConfig, cpus: float) -> int | None:
+        app = build_application(model_config, CacheConfig(), SchedulerConfig(), ServerConfig(), cpus_per_replica=cpus)
+        return app._bound_deployment.init_args[0].threads  # the ModelConfig each replica is built with
+
+    folder = tiny_server_model[0]
+    assert replica_threads(ModelConfig(model=folder), 1.0) == 1
+    assert replica_threads(ModelConfig(model=folder), 4.0) == 4
+    assert replica_threads(ModelConfig(model=folder), 0.5) == 1
+    assert replica_threads(ModelConfig(model=folder, threads=3), 1.0) == 3
 
 
 def test_kuberay_manifest_builds_the_serve_application(tiny_server_model):

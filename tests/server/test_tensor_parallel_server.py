@@ -18,8 +18,10 @@ from tests.server.conftest import serve
 
 def _tp_worker_pid(server_pid: int) -> int:
     """The spawned worker among the server's children (the other child is multiprocessing's
-    resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    resource tracker). Every thread's children: the loading thread, which spawns the workers,
+    may still be running (it loads the chat-template tokenizer after /health turns 200)."""
+    children = [pid for task in Path(f"/proc/{server_pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
     for pid in children:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         if "spawn_main" in cmdline:

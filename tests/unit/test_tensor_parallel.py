@@ -83,13 +83,14 @@ def test_unsupported_models_and_shapes_are_named(tmp_path, embedded_gguf):
 def test_idle_longer_than_the_collective_timeout_is_fine(tmp_path, embedded_gguf, monkeypatch):
     """Step messages travel by pipe: an engine idle for longer than the collective timeout still
     runs its next step (the timeout bounds only work inside a step)."""
-    monkeypatch.setenv("MIAOTUI_TP_TIMEOUT_S", "3")
+    # Short, but not so short that a rank descheduled on a busy machine trips it in a step.
+    monkeypatch.setenv("MIAOTUI_TP_TIMEOUT_S", "6")
     folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
     llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=128, tensor_parallel_size=2)
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         first = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
-        time.sleep(5)
+        time.sleep(8)  # idle past the timeout
         again = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
         assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
     finally:
