@@ -4,7 +4,7 @@ cores), `serve --ray --num-replicas 1` and `--num-replicas 2`, one after the oth
     python benchmarks/ray_replicas.py [--model M] [--num-requests 32] [--concurrency 16]
         [--input-len 128] [--output-len 64]
 
-Each Ray replica reserves --cpus-per-replica CPUs (Ray then sets its thread count to that), so
+Each Ray replica reserves --cpus-per-replica CPUs (and its kernels use that many threads), so
 on a 2-core machine two replicas split the cores that one plain server uses alone. Every setup
 has the same total capacity: with R replicas each takes concurrency / R sequences at once
 (`--max-num-seqs`, which is also Serve's max_ongoing_requests), so Serve's router must spread
