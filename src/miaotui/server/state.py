@@ -49,7 +49,7 @@ class ServerState:
             # Chat templates need the transformers tokenizer: load it now, in the background,
             # rather than in the first chat request (which meanwhile waits for it, if it comes).
             try:
-                transformers_tokenizer(self.engine.engine.tokenizer)
+                transformers_tokenizer(self.tokenizer)
             except Exception as exc:  # noqa: BLE001 - plain prompts still work; a chat request reports it
                 logger.warning("loading the chat template's tokenizer failed: %s", exc)
 
