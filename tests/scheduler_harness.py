@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from miaotui.config import SchedulerConfig
 from miaotui.engine.kv_cache import KVCacheManager
-from miaotui.engine.scheduler import Scheduler, SchedulerOutput
+from miaotui.engine.scheduler import Scheduler
+from miaotui.step_plan import SchedulerOutput
 from miaotui.request import Request, RequestStatus
 from miaotui.sampling_params import SamplingParams
 from tests.fake_kv import apply_block_copies

@@ -7,42 +7,13 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from miaotui.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, CacheConfig, ModelConfig, SchedulerConfig
+from miaotui.config import SchedulerConfig
+from miaotui.engine_args import add_model_args, model_and_cache_configs
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.errors import MiaotuiError
 from miaotui.outputs import RequestOutput
 from miaotui.sampling_params import SamplingParams
 from miaotui.tokenizer import chat_prompt_ids
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="KV cache size in GiB (default: a share of free memory)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache dtype (CPU): float16 halves an fp32 model's cache, K/V rounded to fp16 "
-                        "when written, attention still in fp32; auto (default): float16 with int4/int8 "
-                        "weights, else the model's dtype (float32: the reference's exact numbers)")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
-                   help="weight-only quantization (CPU): int4 (groups of 32) or int8 per channel, "
-                        "activations meeting the weights in bf16; none: dense --dtype weights (the "
-                        "reference); auto (default): a quantized GGUF stays quantized (its 4-bit "
-                        "blocks kept as they are), anything else loads dense")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the model's kernels (default: the physical cores)")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the decode step (regional: one graph for every layer): no Python "
-                        "overhead per token, after a compile of ~20-35 s the first time (~7 s once cached on "
-                        "disk); off by default")
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
-                   help="dummy: random weights for --model given as a config (smollm2-135m, llama-3.2-1b, "
-                        "llama-3.1-8b, qwen2.5-0.5b, a config.json or its folder), to measure speed")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                   help="split the model over N processes (gloo on CPU, NCCL on GPUs); Llama family")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,15 +36,6 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
     )
-
-
-def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
-    """The configs `_add_model_args` flags describe (validated here, before anything loads)."""
-    return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                        max_model_len=args.max_model_len, quantization=args.quantization,
-                        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-                        threads=args.threads, compile_decode=args.compile_decode),
-            CacheConfig(kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype))
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
@@ -155,18 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete one prompt, streamed to stdout")
     gen.add_argument("prompt")
-    _add_model_args(gen)
+    add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat in the terminal (model's chat template)")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(chat)
+    add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     from miaotui.server.serve import add_serve_args, cmd_serve
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
-    _add_model_args(serve)
+    add_model_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
     bench = sub.add_parser("bench", help="benchmarks against a peer, same work, same run")

@@ -35,7 +35,7 @@ def test_cuda_fp32_greedy_equals_cpu(tmp_path, embedded_gguf, monkeypatch):
 def test_cuda_bf16_logits_within_1e_2_relative(tmp_path):
     from miaotui.config import CacheConfig, ModelConfig
     from miaotui.engine.kv_cache import KVCacheManager
-    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from miaotui.step_plan import ScheduledSeq, SchedulerOutput
     from miaotui.loader import load_model, resolve_model
     from miaotui.request import Request
     from miaotui.runner.model_runner import ModelRunner

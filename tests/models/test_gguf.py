@@ -11,7 +11,7 @@ import torch
 
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.kv_cache import KVCacheManager
-from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.loader import load_model, resolve_model
 from miaotui.request import Request

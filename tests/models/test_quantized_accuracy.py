@@ -52,7 +52,7 @@ def _paged(model: torch.nn.Module, ids: list[int], max_len: int):
 def _step(runner, kv, req, all_rows: bool = False) -> torch.Tensor:
     """Run the request's not yet computed tokens in one step; logits of its last row, or of
     every row in the step."""
-    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 
     start, n = req.num_computed_tokens, req.num_tokens - req.num_computed_tokens
     assert kv.allocate_slots(req, n)

@@ -17,7 +17,7 @@ import torch
 from miaotui import LLM, SamplingParams
 from miaotui.config import CacheConfig, ModelConfig
 from miaotui.engine.kv_cache import KVCacheManager
-from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 from miaotui.loader import load_model, resolve_model
 from miaotui.request import EncoderState, Request
 from miaotui.runner.model_runner import ModelRunner

@@ -76,7 +76,7 @@ def forward_all_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     """One whole prompt through the paged model: logits at every position [len(ids), vocab]."""
     from miaotui.config import CacheConfig, ModelConfig
     from miaotui.engine.kv_cache import KVCacheManager
-    from miaotui.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from miaotui.step_plan import ScheduledSeq, SchedulerOutput
     from miaotui.request import Request
     from miaotui.runner.model_runner import ModelRunner
     from miaotui.sampling_params import SamplingParams

@@ -13,37 +13,11 @@ last prompt token itself and samples on its own.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from miaotui.config import SchedulerConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.request import Request, RequestStatus
-
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    """One request's work in a step: tokens [start, start + num_new_tokens) of `request.token_ids`."""
-
-    request: Request
-    start: int
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens, so a new token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    seqs: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-    # (src, dst) KV block copies the runner makes before the forward pass (forks).
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
+from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:

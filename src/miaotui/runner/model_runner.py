@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
-from miaotui.engine.scheduler import SchedulerOutput
+from miaotui.step_plan import SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
 from miaotui.layers.quantized import has_low_bit_weights

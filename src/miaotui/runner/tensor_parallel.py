@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
-from miaotui.engine.scheduler import SchedulerOutput
+from miaotui.step_plan import SchedulerOutput
 from miaotui.layers.tensor_parallel import bind_group
 from miaotui.kernels.cpu_build import load_for_device
 from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load

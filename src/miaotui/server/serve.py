@@ -72,7 +72,7 @@ class _Server:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from miaotui.cli import model_and_cache_configs
+    from miaotui.engine_args import model_and_cache_configs
     from miaotui.engine.async_engine import AsyncLLMEngine
     from miaotui.engine.llm_engine import LLMEngine
     from miaotui.server.app import build_app

@@ -1,0 +1,37 @@
+"""What one engine step computes: the scheduler's output, which the runner consumes.
+
+It lives beneath both engine/ (which builds it) and runner/ (which executes it), so neither
+imports the other (DESIGN.md: Layering).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from miaotui.request import Request
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One request's work in a step: tokens [start, start + num_new_tokens) of `request.token_ids`."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a new token is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    # (src, dst) KV block copies the runner makes before the forward pass (forks).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
