@@ -74,6 +74,7 @@ class ModelConfig:
     load_format: str = "auto"  # one of LOAD_FORMATS
     threads: int | None = None  # CPU threads for the kernels; None: the physical cores (runner/threads.py)
     compile_decode: bool = False  # torch.compile the decode step (runner/compiled_decode.py)
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts are token ids, outputs have ids and no text
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -90,6 +91,8 @@ class ModelConfig:
         if self.compile_decode and self.tensor_parallel_size > 1:
             raise ValueError("compile_decode: not supported with tensor_parallel_size > 1 (the ranks' "
                              "collectives run outside the compiled graph); drop one of the two")
+        if not isinstance(self.skip_tokenizer_init, bool):
+            raise ValueError(f"skip_tokenizer_init: must be true or false, got {self.skip_tokenizer_init!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if not isinstance(self.seed, int):

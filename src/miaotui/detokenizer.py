@@ -4,6 +4,7 @@ A byte-level BPE token can end in the middle of a multi-byte character; decoding
 gives U+FFFD. We decode a short window of recent tokens and emit only when the window's text
 grows without a trailing U+FFFD. Text that could be the start of a stop string is held back
 until it either completes the stop string (then it is cut off) or cannot anymore.
+An engine without a tokenizer (skip_tokenizer_init) passes None: no text, and no stop strings.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ _CONTEXT_TOKENS = 5
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
                  skip_special_tokens: bool = True) -> None:
+        if tokenizer is None and stop:
+            raise ValueError("stop: stop strings are matched in the text, and this engine runs without a tokenizer "
+                             "(skip_tokenizer_init / --skip-tokenizer-init); use stop_token_ids")
         self.tokenizer = tokenizer
         self.stop = stop
         self.skip_special_tokens = skip_special_tokens
@@ -33,6 +37,8 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> None:
         """Decode one more token into `text` (possibly nothing yet, if it ends mid-character)."""
+        if self.tokenizer is None:
+            return
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])

@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
+    p.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts must be token ids, outputs carry token ids and no text, "
+                        "no stop strings or chat templates (models without tokenizer files, benchmarks)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
@@ -46,5 +49,6 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
     return (ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         max_model_len=args.max_model_len, quantization=args.quantization,
                         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-                        threads=args.threads, compile_decode=args.compile_decode),
+                        threads=args.threads, compile_decode=args.compile_decode,
+                        skip_tokenizer_init=args.skip_tokenizer_init),
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype))

@@ -51,12 +51,12 @@ class LLM:
                  enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  quantization: str = "auto", tensor_parallel_size: int = 1, load_format: str = "auto",
-                 threads: int | None = None, compile_decode: bool = False) -> None:
+                 threads: int | None = None, compile_decode: bool = False, skip_tokenizer_init: bool = False) -> None:
         self.engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                         max_model_len=max_model_len, seed=seed, quantization=quantization,
                         tensor_parallel_size=tensor_parallel_size, load_format=load_format, threads=threads,
-                        compile_decode=compile_decode),
+                        compile_decode=compile_decode, skip_tokenizer_init=skip_tokenizer_init),
             CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                         kv_cache_memory_gib=kv_cache_memory_gib, kv_cache_dtype=kv_cache_dtype,
                         enable_prefix_caching=enable_prefix_caching),

@@ -22,6 +22,26 @@ from miaotui.errors import ModelLoadError
 from miaotui.tokenizer_core import load_core, save_core
 
 
+# What a transformers tokenizer is built from: a fast tokenizer's tokenizer.json, a SentencePiece
+# or tiktoken model, or a BPE / WordPiece vocabulary. A folder without any of them makes
+# transformers fail with an unrelated message ("You need to have sentencepiece or tiktoken installed").
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "*.tiktoken")
+NO_TOKENIZER_HINT = "pass --tokenizer PATH or --skip-tokenizer-init"
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files in `folder` (TOKENIZER_FILES), by name."""
+    return sorted({p.name for pattern in TOKENIZER_FILES for p in folder.glob(pattern)})
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """Raise ModelLoadError naming the way out when `folder` holds no tokenizer files."""
+    if not tokenizer_files(folder):
+        raise ModelLoadError(f"no tokenizer files in {folder} (tokenizer.json, tokenizer.model or vocab files); "
+                             f"{NO_TOKENIZER_HINT}")
+
+
 def _gguf_cache_folder(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -122,6 +142,9 @@ def load_tokenizer(path: str, is_gguf: bool) -> Any:
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     chat_template: str | None = None) -> list[int]:
     """Render `messages` with the model's chat template and tokenize the result."""
+    if tokenizer is None:
+        raise ValueError("messages: chat needs the model's tokenizer and chat template, and this engine runs "
+                         "without a tokenizer (skip_tokenizer_init / --skip-tokenizer-init)")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages: must be a list of {'role': ..., 'content': ...} dicts")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):

@@ -28,7 +28,7 @@ def test_folder_without_weights(tmp_path):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=r"has no weights: no \*\.safetensors files.*pytorch_model\.bin"):
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights in .*pytorch_model\.bin"):
         _load(tmp_path)
 
 

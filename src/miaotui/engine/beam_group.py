@@ -86,7 +86,7 @@ class BeamGroup:
         for i, hyp in enumerate(self.state.best()):
             ended_on_eos = bool(hyp.token_ids) and hyp.token_ids[-1] in self.state.eos
             completions.append(CompletionOutput(
-                index=i, text=tokenizer.decode(hyp.token_ids, skip_special_tokens=True),
+                index=i, text=tokenizer.decode(hyp.token_ids, skip_special_tokens=True) if tokenizer is not None else "",
                 token_ids=hyp.token_ids, cumulative_logprob=hyp.score,
                 finish_reason="stop" if ended_on_eos else "length"))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished=True)

@@ -15,8 +15,10 @@ from miaotui.engine.beam_group import BeamGroup
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler
 from miaotui.errors import PromptTooLongError
-from miaotui.loader import eos_token_ids, load_dummy_model, load_model, resolve_model
+from miaotui.loader import (check_model, check_runnable, check_tokenizer, eos_token_ids, load_dummy_model, load_model,
+                            resolve_model, tokenizer_source)
 from miaotui.loader.dummy import dummy_hf_config
+from miaotui.models.registry import model_class
 from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.request import EncoderState, Request, RequestStatus
 from miaotui.kernels.cpu_build import load_for_device
@@ -48,7 +50,8 @@ def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
     if requested is None:
         return limit
     if requested > limit:
-        raise ValueError(f"max_model_len: {requested} exceeds the model's context window of {limit} tokens")
+        raise ValueError(f"max_model_len: {requested} exceeds the model's context window of {limit} tokens; "
+                         f"give at most {limit} (--max-model-len) or leave it unset")
     return requested
 
 
@@ -60,19 +63,26 @@ class LLMEngine:
         scheduler_config = scheduler_config or SchedulerConfig()
         configure_threads(model_config.threads, model_config.tensor_parallel_size)
         return_large_blocks()
-        load_for_device(model_config.device)  # CPU kernels, before any model is built
         if model_config.load_format == "dummy":
             self._load_dummy(model_config)
         else:
+            # Every check that needs no weights and no tokenizer comes first (paths, files,
+            # architecture, tensor types, context length): a wrong model fails in a second, not
+            # after a tokenizer conversion or a weight load.
             source = resolve_model(model_config.model)
+            tok = tokenizer_source(model_config, source)
+            checked = check_model(source, model_config)
+            if tok is not None:
+                check_tokenizer(tok, checked.reader if tok is source else None)
+            self.hf_config = checked.hf_config
+            self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
             self.model_path = str(source.path)
-            tok = resolve_model(model_config.tokenizer) if model_config.tokenizer else source
+            load_for_device(model_config.device)  # CPU kernels, before any model is built
             # Not in parallel threads: transformers' lazy module races when two threads import
             # from it at once ("cannot import name 'AutoConfig'", seen loading a folder).
-            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
-            self.model, self.hf_config = load_model(source, model_config)
+            self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf) if tok is not None else None
+            self.model, self.hf_config = load_model(source, model_config, checked=checked)
             self.eos_token_ids = eos_token_ids(source, self.hf_config, self.tokenizer)
-        self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
         runner_cls = ModelRunner
         if model_config.tensor_parallel_size > 1:
@@ -90,17 +100,30 @@ class LLMEngine:
 
     def _load_dummy(self, model_config: ModelConfig) -> None:
         """Random weights for a config (loader/dummy.py); the tokenizer given, else the default
-        model's (MIAOTUI_MODEL or the embedded one)."""
+        model's (MIAOTUI_MODEL or the embedded one), or none with skip_tokenizer_init (token-id
+        prompts, EOS from the config)."""
         self.hf_config = dummy_hf_config(model_config.model)
         self.model_path = str(model_config.model)
-        tok = resolve_model(model_config.tokenizer)
-        self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf)
+        check_runnable(model_class(self.hf_config), model_config)
+        self.max_model_len = resolve_max_model_len(self.hf_config, model_config.max_model_len)
+        tok = tokenizer_source(model_config, None)
+        if tok is not None:
+            check_tokenizer(tok)
+        load_for_device(model_config.device)  # CPU kernels, before any model is built
+        self.tokenizer = load_tokenizer(str(tok.path), tok.is_gguf) if tok is not None else None
         self.model = load_dummy_model(self.hf_config, model_config)
         self.eos_token_ids = eos_token_ids(None, self.hf_config, self.tokenizer)
 
     # --- requests in -----------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: a text prompt needs a tokenizer, and this engine runs without one "
+                             "(skip_tokenizer_init / --skip-tokenizer-init); give token ids (prompt_token_ids)")
         return self.tokenizer.encode(prompt)
+
+    def decode_token(self, token_id: int) -> str | None:
+        """One token's text (a logprob's decoded_token); None without a tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None, cache_salt: str | None = None) -> str:
@@ -269,10 +292,10 @@ class LLMEngine:
         if out.logprobs is not None and request.output_logprobs:
             sampled_lp, top = request.output_logprobs[-1]
             token = request.output_token_ids[-1]
-            entry = {tid: Logprob(val, rank=r + 1, decoded_token=self.tokenizer.decode([tid]))
+            entry = {tid: Logprob(val, rank=r + 1, decoded_token=self.decode_token(tid))
                      for r, (tid, val) in enumerate(top)}
             if token not in entry:
-                entry[token] = Logprob(sampled_lp, rank=None, decoded_token=self.tokenizer.decode([token]))
+                entry[token] = Logprob(sampled_lp, rank=None, decoded_token=self.decode_token(token))
             out.logprobs.append(entry)
             out.cumulative_logprob += sampled_lp
         out.finish_reason = request.finish_reason

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from miaotui.loader.dummy import dummy_hf_config, fill_random
 from miaotui.loader.default_model import embedded_model_path
 from miaotui.models.registry import model_class
 from miaotui.models.weights import WeightSink
+from miaotui.tokenizer import NO_TOKENIZER_HINT, check_tokenizer_folder, tokenizer_files
 
 
 @dataclass(slots=True)
@@ -47,6 +48,93 @@ def resolve_model(model: str | None) -> ModelSource:
     if not (path / "config.json").is_file() and len(ggufs) == 1:
         return ModelSource(ggufs[0], is_gguf=True)
     return ModelSource(path, is_gguf=False)
+
+
+def resolve_tokenizer(tokenizer: str) -> ModelSource:
+    """A --tokenizer path: a folder with tokenizer files (a model folder or not), or a .gguf file."""
+    path = Path(tokenizer).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"tokenizer path not found: {tokenizer} (give a tokenizer or model folder or a .gguf file, or "
+            f"--skip-tokenizer-init to run on token ids)"
+        )
+    if path.is_file():
+        return ModelSource(path, is_gguf=True)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not tokenizer_files(path) and len(ggufs) == 1:
+        return ModelSource(ggufs[0], is_gguf=True)
+    return ModelSource(path, is_gguf=False)
+
+
+def tokenizer_source(config: ModelConfig, model: ModelSource | None) -> ModelSource | None:
+    """Where the tokenizer comes from: nowhere with skip_tokenizer_init, else --tokenizer, else
+    the model's own files; for dummy weights (`model` None), the default model's."""
+    if config.skip_tokenizer_init:
+        return None
+    if config.tokenizer:
+        return resolve_tokenizer(config.tokenizer)
+    if model is not None:
+        return model
+    try:
+        return resolve_model(None)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"--load-format dummy takes its tokenizer from --tokenizer or the default model, which is not "
+            f"available ({exc}); {NO_TOKENIZER_HINT} to run on token ids") from exc
+
+
+def check_tokenizer(source: ModelSource, reader: Any = None) -> None:
+    """Before any slow work: `source` can hold a tokenizer. A folder needs tokenizer files, a GGUF
+    file tokenizer metadata (`reader`: the model's own file, already open; else it is opened)."""
+    if not source.is_gguf:
+        check_tokenizer_folder(source.path)
+        return
+    if reader is None:
+        gguf_loader.check_magic(source.path, "tokenizer")
+        reader = gguf_loader.open_gguf(source.path)
+    if not gguf_loader.has_tokenizer(reader):
+        raise ModelLoadError(f"{source.path} has no tokenizer in its metadata (no tokenizer.ggml.tokens); "
+                             f"{NO_TOKENIZER_HINT}")
+
+
+@dataclass(slots=True)
+class CheckedModel:
+    """A model whose files, config, architecture and tensor types passed `check_model`, with what
+    that read (the GGUF reader, the safetensors files), for `load_model` to go on from."""
+
+    source: ModelSource
+    hf_config: Any
+    reader: Any = None  # GGUF files
+    files: list[Path] = field(default_factory=list)  # Hugging Face folders
+    num_tensors: int = 0
+
+
+def check_model(source: ModelSource, config: ModelConfig) -> CheckedModel:
+    """Everything that can fail about a model without reading its weights (or its tokenizer):
+    the file or folder, config, architecture, GGUF tensor types, and whether it runs as configured.
+    The engine calls this before any slow work, so such errors come in a second."""
+    if source.is_gguf:
+        reader = gguf_loader.open_gguf(source.path)
+        hf_config = gguf_loader.gguf_hf_config(reader, source.path)
+        gguf_loader.check_quant_types(reader, source.path)
+        checked = CheckedModel(source, hf_config, reader=reader, num_tensors=len(reader.tensors))
+    else:
+        files = st_loader.check_folder(source.path)
+        hf_config = st_loader.read_hf_config(source.path)
+        checked = CheckedModel(source, hf_config, files=files, num_tensors=st_loader.count_tensors(files))
+    check_runnable(model_class(hf_config), config)
+    return checked
+
+
+def check_runnable(cls: type, config: ModelConfig) -> None:
+    """Model class `cls` can run as `config` asks (dtype, tensor parallelism)."""
+    if getattr(cls, "is_encoder_decoder", False) and config.dtype is torch.float16:
+        # T5 v1.1 / flan / mT5 activations overflow fp16 (transformers clamps them to survive).
+        raise UnsupportedModelError("T5 models do not run in float16 (activations overflow); use float32 or bfloat16")
+    if config.tensor_parallel_size > 1 and not hasattr(cls, "shard_for_tensor_parallel"):
+        raise UnsupportedModelError(
+            f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, SmolLM2), not "
+            f"{cls.__name__}; use tensor_parallel_size=1")
 
 
 def _progress(total: int, desc: str, enabled: bool = True) -> tqdm:
@@ -81,21 +169,20 @@ def _empty_model(hf_config: Any) -> nn.Module:
 
 
 def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
-               progress: bool = True) -> tuple[torch.nn.Module, Any]:
+               progress: bool = True, checked: CheckedModel | None = None) -> tuple[torch.nn.Module, Any]:
     """Build the model on the meta device, stream weights into it, return (model, hf_config).
     With tensor parallelism, the loaded model is then cut down to tensor-parallel rank `rank`'s
-    shard (before quantization, which then quantizes the shard)."""
+    shard (before quantization, which then quantizes the shard). `checked`: `check_model`'s
+    result for `source`, when the caller has it."""
     # Tensor parallel: the whole model is read on the CPU and only this rank's shard moves to the
     # device, so no GPU ever holds the full model.
     device = torch.device("cpu" if config.tensor_parallel_size > 1 else config.device)
     load_for_device(config.device)  # CPU kernels, before the layers that bind them are built
     lossy: set[str] = set()  # checkpoint matrices stored with more than 4 bits
+    checked = checked or check_model(source, config)
+    hf_config, reader, total = checked.hf_config, checked.reader, checked.num_tensors
     if source.is_gguf:
-        reader = gguf_loader.open_gguf(source.path)
-        hf_config = gguf_loader.gguf_hf_config(reader, source.path)
-        gguf_loader.check_quant_types(reader, source.path)
         mode = resolve_quantization(config, reader)
-        total = len(reader.tensors)
         # 4-bit blocks stay 4-bit; a tensor-parallel shard is cut from dense weights instead.
         weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path,
                                                 int4=mode == "int4" and config.tensor_parallel_size == 1)
@@ -103,10 +190,7 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
             lossy = gguf_loader.lossy_linear_names(reader, source.path)
     else:
         mode = resolve_quantization(config, None)
-        hf_config = st_loader.read_hf_config(source.path)
-        files = st_loader.safetensors_files(source.path)
-        total = st_loader.count_tensors(files)
-        weights = st_loader.iter_safetensors(files)
+        weights = st_loader.iter_safetensors(checked.files)
     model = _empty_model(hf_config)
     sink = WeightSink(model, config.dtype, device)
     with _progress(total, f"Loading {source.path.name}", progress) as bar:
@@ -160,14 +244,8 @@ def load_for_config(config: ModelConfig, rank: int = 0, progress: bool = True) -
 def _ready(model: torch.nn.Module, config: ModelConfig, rank: int, quantization: str,
            int8_modules: frozenset[str] = frozenset()) -> torch.nn.Module:
     """Cut to this rank's shard, on the device, in eval mode, quantized as resolved."""
-    if getattr(model, "is_encoder_decoder", False) and config.dtype is torch.float16:
-        # T5 v1.1 / flan / mT5 activations overflow fp16 (transformers clamps them to survive).
-        raise UnsupportedModelError("T5 models do not run in float16 (activations overflow); use float32 or bfloat16")
+    check_runnable(type(model), config)
     if config.tensor_parallel_size > 1:
-        if not hasattr(model, "shard_for_tensor_parallel"):
-            raise UnsupportedModelError(
-                f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, SmolLM2), not "
-                f"{type(model).__name__}; use tensor_parallel_size=1")
         model.shard_for_tensor_parallel(rank, config.tensor_parallel_size)
     model.to(torch.device(config.device))
     model.eval()
@@ -176,8 +254,9 @@ def _ready(model: torch.nn.Module, config: ModelConfig, rank: int, quantization:
 
 
 def eos_token_ids(source: ModelSource | None, hf_config: Any, tokenizer: Any) -> frozenset[int]:
-    """EOS ids from generation_config.json and config.json; the tokenizer's as a fallback.
-    `source` None: a model with no files (dummy weights), so config.json's ids only."""
+    """EOS ids from generation_config.json and config.json (a GGUF's metadata); the tokenizer's,
+    if there is one, as a fallback. `source` None: a model with no files (dummy weights), so
+    config.json's ids only."""
     ids: set[int] = set()
 
     def add(value: Any) -> None:
@@ -194,6 +273,6 @@ def eos_token_ids(source: ModelSource | None, hf_config: Any, tokenizer: Any) ->
             add(GenerationConfig.from_pretrained(str(source.path)).eos_token_id)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{source.path}/generation_config.json cannot be read: {exc}") from exc
-    if not ids and tokenizer.eos_token_id is not None:
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

@@ -11,6 +11,7 @@ For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpo
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,74 @@ _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 ROPE_FREQS = "rope_freqs.weight"  # llama3 per-dimension frequency divisors
 
 
-def open_gguf(path: Path) -> Any:
-    """A GGUFReader, or on later starts the cached index of the same file (loader/gguf_index.py)."""
-    import gguf
-
+def check_magic(path: Path, kind: str = "model") -> None:
+    """Raise ModelLoadError unless `path` starts with GGUF's magic: a text file, a config.json or
+    a safetensors file given where a `kind` ("model" or "tokenizer") file or folder is wanted."""
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    if magic == b"GGUF":
+        return
+    if path.suffix in (".json", ".safetensors"):
+        hint = f"give the {kind} folder that holds it"
+    elif kind == "tokenizer":
+        hint = "give a .gguf file or a folder with tokenizer files (tokenizer.json, tokenizer.model or vocab files)"
+    else:
+        hint = "give a .gguf file or a Hugging Face model folder (config.json + *.safetensors)"
+    raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF') and not a {kind} "
+                         f"folder; {hint}")
+
+
+# GGUF value types of fixed size (gguf.GGUFValueType: UINT8 ... FLOAT64, BOOL), in bytes.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING = 8
+
+
+def peek_architecture(path: Path) -> str | None:
+    """general.architecture from the first few header fields, where llama.cpp's writer puts it,
+    without GGUFReader's parse of every field (the vocabulary included: seconds on a large file).
+    None when it is not among them; the full read then decides."""
+    try:
+        with open(path, "rb") as f:
+            magic, version, _, n_kv = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF" or not 2 <= version <= 3:  # big-endian files read as a huge version
+                return None
+            for _ in range(min(n_kv, 16)):
+                (key_len,) = struct.unpack("<Q", f.read(8))
+                if key_len > 256:
+                    return None
+                key = f.read(key_len)
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if vtype == _STRING:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if key == b"general.architecture":
+                        return f.read(n).decode("utf-8", "replace") if n <= 256 else None
+                    f.seek(n, 1)
+                elif vtype in _SCALAR_SIZES:
+                    f.seek(_SCALAR_SIZES[vtype], 1)
+                else:  # an array before the architecture: leave it to the full read
+                    return None
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def check_architecture(arch: Any, path: Path) -> str:
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def open_gguf(path: Path) -> Any:
+    """A GGUFReader, or on later starts the cached index of the same file (loader/gguf_index.py).
+    The magic and (when the header shows it early) the architecture are checked before the parse."""
+    import gguf
+
+    check_magic(path)
+    arch = peek_architecture(path)
+    if arch is not None:
+        check_architecture(arch, path)
     index = load_index(path)
     if index is not None:
         return index
@@ -115,22 +176,26 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_architecture(reader: Any, path: Path) -> str:
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return arch
+    return check_architecture(_field(reader, "general.architecture"), path)
+
+
+def has_tokenizer(reader: Any) -> bool:
+    """Whether the file's metadata holds a tokenizer (llama.cpp's tokenizer.ggml.* fields)."""
+    return "tokenizer.ggml.tokens" in reader.fields
 
 
 def check_quant_types(reader: Any, path: Path) -> None:
+    unsupported: dict[str, str] = {}  # type -> its first tensor
     for tensor in reader.tensors:
         name = tensor.tensor_type.name
         if name not in SUPPORTED_QUANT_TYPES:
-            raise UnsupportedModelError(
-                f"{path}: tensor {tensor.name!r} uses GGUF quantization type {name}, which is not "
-                f"supported; supported: {', '.join(SUPPORTED_QUANT_TYPES)}"
-            )
+            unsupported.setdefault(name, tensor.name)
+    if unsupported:
+        found = ", ".join(f"tensor {first!r} is {kind}" for kind, first in unsupported.items())
+        raise UnsupportedModelError(
+            f"{path}: unsupported GGUF tensor type: {found}; supported: {', '.join(SUPPORTED_QUANT_TYPES)} "
+            f"(a file quantized to one of them, e.g. Q4_K_M or Q8_0, loads)"
+        )
 
 
 def gguf_hf_config(reader: Any, path: Path) -> Any:

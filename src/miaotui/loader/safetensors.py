@@ -10,13 +10,31 @@ import torch
 from safetensors import safe_open
 
 from miaotui.errors import ModelLoadError
+from miaotui.tokenizer import tokenizer_files
+
+
+def _no_config_hint(folder: Path) -> str:
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(ggufs) > 1:
+        return f"; it holds several .gguf files ({', '.join(ggufs)}): give one of them as the model"
+    if tokenizer_files(folder):
+        return "; it holds tokenizer files: give it as the tokenizer (--tokenizer) and the model folder as the model"
+    return "; give a Hugging Face model folder (config.json + *.safetensors) or a .gguf file"
+
+
+def check_folder(folder: Path) -> list[Path]:
+    """A model folder's safetensors files, after checking it has config.json and weights; no file
+    is opened, so this is the cheap first check of a folder."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} is not a model folder: it has no config.json{_no_config_hint(folder)}")
+    return safetensors_files(folder)
 
 
 def read_hf_config(folder: Path) -> Any:
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+        raise ModelLoadError(f"{folder} is not a model folder: it has no config.json{_no_config_hint(folder)}")
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
@@ -28,7 +46,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
         hint = f" (found {', '.join(others)}; only *.safetensors folders and .gguf files load)" if others else ""
-        raise ModelLoadError(f"{folder} has no weights: no *.safetensors files{hint}")
+        raise ModelLoadError(f"no *.safetensors weights in {folder}{hint}")
     return files
 
 
