@@ -31,8 +31,12 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
+    """`prompt_logprobs` (when SamplingParams.prompt_logprobs is set): None for the first prompt
+    token, then per prompt token a dict holding that token and the top k at its position."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -67,6 +67,9 @@ class Request:
     output_token_ids: list[int] = field(init=False, default_factory=list)
     # One (sampled_logprob, [(token_id, logprob), ...top k]) per output token when logprobs is set.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(init=False, default_factory=list)
+    # prompt_logprobs: entry i scores prompt token i + 1 (from the logits at position i) as
+    # (logprob, rank, [(token_id, logprob), ...top k]); complete at num_prompt_tokens - 1 entries.
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(init=False, default_factory=list)
     num_computed_tokens: int = field(init=False, default=0)
     block_ids: list[int] = field(init=False, default_factory=list)
     # Chained hashes of the full blocks of token_ids computed so far (prefix cache keys), and
@@ -88,6 +91,21 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions of this sequence still need their logits scored. n > 1: the
+        leader (index 0) scores the prompt for all its samples, which share it."""
+        return (self.sampling_params.prompt_logprobs is not None and self.index == 0 and not self.is_beam
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
+
+    def record_prompt_logprobs(self, first: int, entries: list[tuple[float, int, list[tuple[int, float]]]]) -> None:
+        """Store the scores of prompt tokens first + 1, first + 2, ... Chunks arrive in order; a
+        prefix recomputed after preemption overwrites its own earlier (equal) entries."""
+        if first > len(self.prompt_logprobs):
+            raise RuntimeError(f"prompt logprobs from position {first}, but only "
+                               f"{len(self.prompt_logprobs)} are recorded")
+        self.prompt_logprobs[first:first + len(entries)] = entries
 
     @property
     def max_output_tokens(self) -> int:

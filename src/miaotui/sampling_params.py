@@ -27,7 +27,9 @@ class SamplingParams:
     """Mirrors vLLM's SamplingParams for the fields it has in common.
 
     temperature == 0 means greedy. top_k <= 0 (or -1) disables top-k. `stop` strings are not
-    part of the returned text. `logprobs=k` returns the sampled token's logprob plus the top k.
+    part of the returned text. `logprobs=k` returns the sampled token's logprob plus the top k;
+    `prompt_logprobs=k` returns, for every prompt token after the first, its logprob (and rank)
+    plus the top k at that position (RequestOutput.prompt_logprobs).
     """
 
     n: int = 1
@@ -47,6 +49,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    prompt_logprobs: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -92,6 +95,10 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be in [-2, 2], got {value!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise ValueError(
+                f"prompt_logprobs: must be an integer in [0, 20] or None, got {self.prompt_logprobs!r}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias: must map token ids to numbers, got {self.logit_bias!r}")

@@ -38,6 +38,8 @@ class _ParentRequest:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    # prompt_logprobs: built once the leader has scored the whole prompt (RequestOutput's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -190,6 +192,9 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
+        if params.prompt_logprobs is not None and self.is_encoder_decoder:
+            raise ValueError("prompt_logprobs: not supported for encoder-decoder models "
+                             "(their prompt is the encoder's input, which the model does not score)")
 
     def _new_request(self, request_id: str | None, prompt: str | list[int]) -> tuple[str, str | None, list[int]]:
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -241,6 +246,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         sampled, logprobs = result.token_ids, result.logprobs
+        if result.prompt_logprobs:  # before update: a request may finish on its first token
+            for seq in sched.seqs:
+                scored = result.prompt_logprobs.get(seq.request.request_id)
+                if scored is not None:
+                    seq.request.record_prompt_logprobs(*scored)
         if self.is_encoder_decoder:  # the prompt is the encoder's input, counted as it is encoded
             self.prompt_tokens_total = self.runner.encoder_tokens_total
         else:
@@ -261,6 +271,7 @@ class LLMEngine:
             touched[request.parent_id] = parent
         results = self._advance_beam_groups(result.beam_logprobs)
         for parent_id, parent in touched.items():
+            self._build_prompt_logprobs(parent)
             results.append(self._snapshot(parent_id, parent))
             if parent.finished:
                 del self._parents[parent_id]
@@ -280,6 +291,29 @@ class LLMEngine:
                 del self._beam_groups[group_id]
                 finished.append(group.output(self.tokenizer))
         return finished
+
+    def _build_prompt_logprobs(self, parent: _ParentRequest) -> None:
+        """Once the leader has scored every prompt token (always before the first output token):
+        None for the first token, then per token {its id, then the top k' ids: Logprob}."""
+        leader = parent.children[0]
+        if (parent.prompt_logprobs is not None or leader.sampling_params.prompt_logprobs is None
+                or leader.needs_prompt_logprobs):
+            return
+        pieces: dict[int, str | None] = {}
+
+        def piece(tid: int) -> str | None:
+            if tid not in pieces:
+                pieces[tid] = None if self.tokenizer is None else self.tokenizer.decode([tid])
+            return pieces[tid]
+
+        built: list[dict[int, Logprob] | None] = [None]
+        for token, (value, rank, top) in zip(leader.prompt_token_ids[1:], leader.prompt_logprobs):
+            entry = {token: Logprob(value, rank=rank, decoded_token=piece(token))}
+            for r, (tid, top_value) in enumerate(top):
+                if tid not in entry:
+                    entry[tid] = Logprob(top_value, rank=r + 1, decoded_token=piece(tid))
+            built.append(entry)
+        parent.prompt_logprobs = built
 
     def _emit(self, parent: _ParentRequest, request: Request) -> None:
         detok = parent.detokenizers[request.index]
@@ -309,7 +343,8 @@ class LLMEngine:
                              o.finish_reason, o.stop_reason)
             for o in parent.outputs
         ]
-        return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outs, parent.finished)
+        return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outs, parent.finished,
+                             parent.prompt_logprobs)
 
     def stats(self) -> dict[str, int]:
         return {

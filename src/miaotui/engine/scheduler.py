@@ -109,7 +109,10 @@ class Scheduler:
             taken = len(self.running) + sum(len(r.fork_siblings) for r in self.running)
             if taken + 1 + len(request.fork_siblings) > self.config.max_num_seqs:
                 break
-            hits = self.kv.find_cached_prefix(request) if not request.block_ids else []
+            # A request scoring its prompt computes every prompt position itself (its own full
+            # blocks still enter the prefix cache for others), as vLLM does.
+            use_cache = not request.block_ids and not request.needs_prompt_logprobs
+            hits = self.kv.find_cached_prefix(request) if use_cache else []
             computed = len(hits) * self.kv.block_size if hits else request.num_computed_tokens
             end = request.num_tokens - (1 if request.fork_siblings else 0)
             num_new = min(end - computed, budget)

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from miaotui.config import CacheConfig, ModelConfig
-from miaotui.step_plan import SchedulerOutput
+from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
 from miaotui.layers.quantized import has_low_bit_weights
 from miaotui.runner.compiled_decode import CompiledDecode
+from miaotui.sample.prompt_logprobs import PromptLogprob, score_tokens
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def default_kv_cache_gib(device: torch.device) -> float:
 class StepInputs:
     """One step as plain host data, the same for every tensor-parallel rank: the new tokens of
     each sequence in order (flat), where their K/V goes, each sequence's blocks and lengths, the
-    rows to compute logits for, fork copies (src, dst), and blocks used for the first time."""
+    rows to compute logits for (sampled rows, then rows scoring prompt tokens), fork copies
+    (src, dst), and blocks used for the first time."""
 
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
@@ -74,17 +76,29 @@ class StepInputs:
     seq_lens: list[int] = field(default_factory=list)
     query_start: list[int] = field(default_factory=lambda: [0])
     sample_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     new_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class StepResult:
-    """What one step produced: sampled tokens, their logprobs, and beams' log-distributions."""
+    """What one step produced: sampled tokens, their logprobs, beams' log-distributions, and
+    prompt logprobs: request id -> (first position scored, one entry per position)."""
 
     token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, tuple] = field(default_factory=dict)
     beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]] = field(default_factory=dict)
+
+
+def prompt_logprob_positions(seq: ScheduledSeq) -> range:
+    """Positions of a chunk whose logits score a prompt token (position p scores token p + 1),
+    for a request still needing prompt logprobs; empty otherwise (no extra logits computed)."""
+    req = seq.request
+    if not req.needs_prompt_logprobs:
+        return range(0)
+    return range(seq.start, max(seq.start, min(seq.start + seq.num_new_tokens, req.num_prompt_tokens - 1)))
 
 
 class ModelRunner:
@@ -154,6 +168,10 @@ class ModelRunner:
             inputs.query_start.append(inputs.query_start[-1] + seq.num_new_tokens)
             if seq.samples:
                 inputs.sample_rows.append(inputs.query_start[-1] - 1)
+            scored = len(prompt_logprob_positions(seq))
+            if scored:
+                first = inputs.query_start[-2]  # the row of position seq.start
+                inputs.prompt_rows.extend(range(first, first + scored))
         return inputs
 
     def _tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -205,8 +223,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_inputs(self, inputs: StepInputs, sched: SchedulerOutput | None = None) -> torch.Tensor | None:
-        """Zero fresh blocks, make the fork copies, run the forward pass; logits of the sampled
-        rows [rows, vocab] fp32, or None for a step with no tokens. Every tensor-parallel rank
+        """Zero fresh blocks, make the fork copies, run the forward pass; logits [rows, vocab] fp32
+        of the sampled rows, then of the prompt-scoring rows, or None for a step with no tokens. Every tensor-parallel rank
         runs this on the same inputs. `sched` is needed by encoder-decoder models only."""
         # Before the copies: a fork's destination block is zeroed now, then overwritten, and
         # never zeroed again (a later step would otherwise wipe the copied K/V).
@@ -219,10 +237,11 @@ class ModelRunner:
         if self.is_encoder_decoder:
             meta.cross = self._cross_batch(sched)
         hidden = self.model(ids, positions, meta)  # decode steps through CompiledDecode's graph when on
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+        rows = inputs.sample_rows + inputs.prompt_rows if inputs.prompt_rows else inputs.sample_rows
+        return self.model.compute_logits(hidden[rows])
 
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
-        """Run one step's forward pass; logits [num_sampling_seqs, vocab] in fp32."""
+        """Run one step's forward pass; logits [sampled + prompt-scoring rows, vocab] in fp32."""
         return self.forward_inputs(self.step_inputs(sched), sched)
 
     def release_step_cache(self) -> None:
@@ -251,6 +270,9 @@ class ModelRunner:
         if logits is None:
             return result
         requests = [s.request for s in sched.seqs if s.samples]
+        if logits.shape[0] > len(requests):
+            result.prompt_logprobs = self._score_prompts(sched, logits[len(requests):])
+            logits = logits[:len(requests)]
         rows = [i for i, r in enumerate(requests) if not r.is_beam]
         for i, r in enumerate(requests):
             if r.is_beam:
@@ -261,3 +283,19 @@ class ModelRunner:
             result.token_ids = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
             result.logprobs = {r.request_id: lp for r, lp in zip(sampling, out.logprobs) if lp is not None}
         return result
+
+    @staticmethod
+    def _score_prompts(sched: SchedulerOutput, logits: torch.Tensor) -> dict[str, tuple[int, list[PromptLogprob]]]:
+        """Split the prompt-scoring rows (laid out by step_inputs, in step order) per request."""
+        scored = {}
+        row = 0
+        for seq in sched.seqs:
+            positions = prompt_logprob_positions(seq)
+            if not positions:
+                continue
+            req = seq.request
+            targets = req.token_ids[positions.start + 1:positions.stop + 1]
+            scored[req.request_id] = (positions.start, score_tokens(
+                logits[row:row + len(positions)], targets, req.sampling_params.prompt_logprobs))
+            row += len(positions)
+        return scored
