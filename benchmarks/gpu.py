@@ -7,8 +7,8 @@ Per config: batch-1 decode tokens/s and its share of the bandwidth limit (measur
 / weight bytes: every decode step reads every weight once), time to first token, and output
 tokens/s with --concurrency requests at once (prompt-len in, new-tokens out); transformers
 `generate()` runs the same prompts (batch 1 with its dynamic cache, then one batch of
---concurrency). Both sides use --load-format dummy weights (N(0, 0.02)); EOS is ignored so both
-produce exactly --new-tokens. `--device cpu --dtype float32` runs the same code on the CPU with
+--concurrency). Both sides use --load-format dummy weights (N(0, 0.02)) and token-id prompts (miaotui
+loads no tokenizer: skip_tokenizer_init); EOS is ignored so both produce exactly --new-tokens. `--device cpu --dtype float32` runs the same code on the CPU with
 small sizes (a smoke test; CPU numbers say nothing about GPUs).
 """
 
@@ -49,7 +49,7 @@ def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
 def run_miaotui(config: str, args: argparse.Namespace) -> dict[str, float]:
     from miaotui import LLM, SamplingParams
 
-    llm = LLM(config, load_format="dummy", device=args.device, dtype=args.dtype,
+    llm = LLM(config, load_format="dummy", skip_tokenizer_init=True, device=args.device, dtype=args.dtype,
               max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.concurrency,
               max_num_batched_tokens=max(2048, args.prompt_len))
     device = torch.device(args.device)
