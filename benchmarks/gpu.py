@@ -7,9 +7,10 @@ Per config: batch-1 decode tokens/s and its share of the bandwidth limit (measur
 / weight bytes: every decode step reads every weight once), time to first token, and output
 tokens/s with --concurrency requests at once (prompt-len in, new-tokens out); transformers
 `generate()` runs the same prompts (batch 1 with its dynamic cache, then one batch of
---concurrency). Both sides use --load-format dummy weights (N(0, 0.02)) and token-id prompts (miaotui
-loads no tokenizer: skip_tokenizer_init); EOS is ignored so both produce exactly --new-tokens. `--device cpu --dtype float32` runs the same code on the CPU with
-small sizes (a smoke test; CPU numbers say nothing about GPUs).
+--concurrency). Both sides use --load-format dummy weights (N(0, 0.02)) and token-id prompts
+(miaotui loads no tokenizer: skip_tokenizer_init); EOS is ignored so both produce exactly
+--new-tokens. `--device cpu --dtype float32` runs the same code on the CPU with small sizes (a
+smoke test; CPU numbers say nothing about GPUs).
 """
 
 from __future__ import annotations
