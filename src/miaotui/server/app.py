@@ -129,9 +129,15 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
     @app.get("/v1/models")
     async def models() -> dict:
         state.engine_or_503()
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
-            "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [state.model_card()]}
+
+    # `:path`: a served name may hold slashes ("org/model"; the openai client sends them as %2F).
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        state.engine_or_503()
+        if model_id != state.model_name:
+            raise state.unknown_model(model_id)
+        return state.model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:

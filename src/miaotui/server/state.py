@@ -106,11 +106,20 @@ class ServerState:
         return self.engine
 
     def check_model(self, requested: str | None) -> str:
+        """The served name; a request naming another model is a 404 (no name means this one)."""
         name = self.model_name
         if requested not in (None, "", name):
-            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
-                           param="model", code="model_not_found")
+            raise self.unknown_model(requested)
         return name
+
+    def unknown_model(self, requested: str) -> APIError:
+        return APIError(404, f"The model `{requested}` does not exist; this server serves "
+                             f"`{self.model_name}`.", param="model", code="model_not_found")
+
+    def model_card(self) -> dict[str, Any]:
+        """The model object of GET /v1/models and /v1/models/{id}."""
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
+                "max_model_len": self.max_model_len}
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
