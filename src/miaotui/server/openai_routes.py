@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from miaotui.engine.async_engine import EngineDeadError
-from miaotui.outputs import CompletionOutput, RequestOutput
+from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, bad_request, error_body
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -35,6 +35,9 @@ class _Job:
     n: int
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
+    # The newest output of each prompt, for what a choice's chunk needs beyond its own
+    # CompletionOutput (the prompt's logprobs).
+    latest: dict[int, RequestOutput] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -92,6 +95,7 @@ async def _merged(state: ServerState, job: _Job) -> AsyncIterator[tuple[int, Req
                 raise item
             if item.finished:
                 remaining -= 1
+            job.latest[i] = item
             yield i, item
     finally:
         for t in tasks:  # a client that left (or an error) aborts every engine request
@@ -99,17 +103,39 @@ async def _merged(state: ServerState, job: _Job) -> AsyncIterator[tuple[int, Req
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _completion_logprobs(state: ServerState, out: CompletionOutput, start: int, text_offset: int) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
+def _completion_logprobs(state: ServerState, tokens: list[tuple[int, dict[int, Logprob] | None]],
+                         text_offset: int, top: int) -> dict:
+    """OpenAI's logprobs of (token id, its entry) pairs; an entry of None (the first prompt token,
+    which nothing scores) gives null logprobs. `text_offset`: where the first token starts in the
+    choice's text; each next token starts where the previous one's text ends (as vLLM counts).
+    top_logprobs holds the entries ranked within the `top` requested."""
+    pieces, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
-    for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
-        piece = entry[tid].decoded_token if tid in entry else state.decode_token(tid)
-        tokens.append(piece)
-        token_lps.append(entry[tid].logprob if tid in entry else None)
-        tops.append({lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank is not None} or None)
+    for tid, entry in tokens:
+        chosen = entry.get(tid) if entry is not None else None
+        piece = chosen.decoded_token if chosen is not None else state.decode_token(tid)
+        pieces.append(piece)
+        token_lps.append(chosen.logprob if chosen is not None else None)
+        ranked = sorted((lp for lp in (entry or {}).values() if lp.rank is not None and lp.rank <= top),
+                        key=lambda lp: lp.rank)
+        tops.append({lp.decoded_token: lp.logprob for lp in ranked} or None)
         offsets.append(offset)
         offset += len(piece or "")
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": pieces, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _join_logprobs(head: dict, tail: dict) -> dict:
+    return {key: head[key] + tail[key] for key in head}
+
+
+def _prompt_logprobs_json(prompt_logprobs: list[dict[int, Logprob] | None] | None) -> list | None:
+    """vLLM's `prompt_logprobs` of a choice: null first, then {token id: logprob, rank, text}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for tid, lp in entry.items()}
+            for entry in prompt_logprobs]
 
 
 def _chat_logprobs(out: CompletionOutput, start: int) -> dict:
@@ -268,23 +294,44 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise bad_request(exc) from exc
     job = _job(state, prompts, body.max_tokens, body.sampling_params, body.n, "cmpl")
     echo = [state.detokenize(p) for p in prompts] if body.echo else None
-    want_logprobs = body.logprobs is not None
+    # echo with max_tokens 0 scores the prompt: the engine samples one token (from logits the
+    # prompt's last position computes anyway), which is never returned.
+    scoring = body.echo and body.max_tokens == 0
+    top = body.logprobs or 0
 
     def choice(index: int, o: CompletionOutput, sent: _Sent) -> dict:
-        text = o.text[sent.text:]
-        if echo is not None and sent.tokens == 0 and sent.text == 0:
-            text = echo[index // job.n] + text
-        return {"index": index, "text": text, "finish_reason": o.finish_reason,
-                "logprobs": _completion_logprobs(state, o, sent.tokens, sent.text) if want_logprobs else None}
+        """The choice's text and logprobs since `sent`; its first chunk (or the whole choice)
+        begins with the echoed prompt, whose tokens come first in the logprobs, the first null."""
+        i = index // job.n
+        first = sent.tokens == 0 and sent.text == 0
+        prefix = echo[i] if echo is not None else ""
+        text = "" if scoring else o.text[sent.text:]
+        tokens = [] if scoring else list(zip(o.token_ids[sent.tokens:], (o.logprobs or [])[sent.tokens:]))
+        out = {"index": index, "text": prefix + text if first else text,
+               "finish_reason": "length" if scoring and o.finished else o.finish_reason, "logprobs": None}
+        if body.logprobs is not None:
+            lps = _completion_logprobs(state, tokens, len(prefix) + sent.text, top)
+            if echo is not None and first:
+                scored = job.latest[i].prompt_logprobs or [None] * len(prompts[i])
+                lps = _join_logprobs(_completion_logprobs(state, list(zip(prompts[i], scored)), 0, top), lps)
+            out["logprobs"] = lps
+        if body.prompt_logprobs is not None and first:
+            out["prompt_logprobs"] = _prompt_logprobs_json(job.latest[i].prompt_logprobs)
+        return out
 
     def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:
-        if o.text[sent.text:] == "" and not o.finished and not (echo and sent.tokens == 0):
+        # Tokens whose text is held back (a partial character or stop string) still carry their
+        # logprobs now: the caller counts them as sent whether or not a chunk goes out.
+        new_tokens = body.logprobs is not None and len(o.token_ids) > sent.tokens and not scoring
+        if o.text[sent.text:] == "" and not o.finished and not new_tokens and not (echo and sent.tokens == 0):
             return None
         return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model,
                 "choices": [choice(index, o, sent)]}
 
     def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
         base = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model}
+        if scoring:
+            usage = usage | {"completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
         if usage_chunk:
             return base | {"choices": [], "usage": usage}
         choices = [choice(i * job.n + o.index, o, _Sent()) for i in sorted(last) for o in last[i].outputs]

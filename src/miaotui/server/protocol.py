@@ -7,6 +7,7 @@ as OpenAI's and vLLM's servers do, so clients that send newer fields keep workin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -75,6 +76,7 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
+    prompt_logprobs: StrictInt | None = None  # vLLM's extension: each choice's `prompt_logprobs`
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one string, one token list, or a batch of either."""
@@ -92,7 +94,22 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of: only best_of == n is supported, got best_of={self.best_of}, n={self.n}")
-        return self._sampling_params(max_tokens, self.logprobs)
+        if max_tokens == 0:
+            # OpenAI clients score a prompt with echo and max_tokens 0: the route samples one
+            # token and returns none of it, as vLLM does.
+            if not self.echo:
+                raise ValueError("max_tokens: 0 is allowed only with echo=true (to score the prompt); "
+                                 "ask for at least 1 token")
+            if self.min_tokens:
+                raise ValueError(f"min_tokens: must be 0 with max_tokens 0, got {self.min_tokens}")
+            max_tokens = 1
+        params = self._sampling_params(max_tokens, self.logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:
+            prompt_logprobs = self.logprobs  # the echoed prompt's tokens get logprobs too, as in vLLM
+        if prompt_logprobs is None:
+            return params
+        return dataclasses.replace(params, prompt_logprobs=prompt_logprobs)
 
 
 class ContentPart(BaseModel):
