@@ -1,10 +1,15 @@
-"""What an OpenAI client meets first, on the tiny model in process: models.retrieve. The official
-`openai` client runs over the TestClient."""
+"""What an OpenAI client meets first, on the tiny model in process: models.retrieve and HEAD on
+GET routes. The official `openai` client runs over the TestClient."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import openai
 import pytest
+from fastapi.routing import APIRoute
+from starlette.routing import Mount, Route
 
 from tests.server.conftest import tiny_client
 from tests.server.test_http_errors import assert_error
@@ -39,3 +44,72 @@ def test_models_retrieve_unknown_is_openai_404_naming_it(oai, client):
     err = assert_error(client.get("/v1/models/gpt-9"), 404, param="model", contains="`gpt-9`")
     assert err["code"] == "model_not_found" and "org/tiny" in err["message"]
     assert_error(client.get("/v1/models/org"), 404, param="model")  # a prefix of the name is not it
+
+
+def _get_requests(app):
+    """(path to request, route) for every route that answers GET."""
+    for route in app.routes:
+        if isinstance(route, Mount):
+            yield route.path + "/chat.js", route
+        elif isinstance(route, (APIRoute, Route)) and "GET" in (route.methods or ()):
+            yield route.path_format.replace("{model_id}", "org/tiny"), route
+
+
+def test_head_answers_like_get_on_every_get_route(client):
+    paths = [p for p, _ in _get_requests(client.app)]
+    assert {"/health", "/version", "/v1/models", "/v1/models/org/tiny", "/metrics", "/", "/docs",
+            "/openapi.json", "/static/chat.js"} <= set(paths)
+    for path in paths:
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert head.content == b""
+    assert client.head("/v1/completions").status_code == 405  # POST only, as for GET
+    assert client.head("/v1/models/gpt-9").status_code == 404
+
+
+def _raw_asgi(app, method: str, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request straight into the ASGI app: the body as the app sent it (test clients drop a
+    HEAD response's body themselves, so they cannot show that the server does)."""
+    messages = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), body
+
+
+def test_head_response_sends_no_body_but_the_get_length(client):
+    for path in ("/health", "/v1/models"):
+        status, headers, body = _raw_asgi(client.app, "GET", path)
+        head_status, head_headers, head_body = _raw_asgi(client.app, "HEAD", path)
+        assert status == head_status == 200 and body and head_body == b""
+        assert head_headers[b"content-length"] == headers[b"content-length"] == str(len(body)).encode()
+
+
+def test_health_head_is_503_while_loading():
+    from fastapi.testclient import TestClient
+
+    from miaotui.config import ServerConfig
+    from miaotui.server.app import build_app
+
+    gate = threading.Event()
+
+    def slow_factory():
+        gate.wait(30)
+        raise RuntimeError("never loads")
+
+    with TestClient(build_app(ServerConfig(), slow_factory)) as c:
+        try:
+            assert c.head("/health").status_code == 503
+        finally:
+            gate.set()

@@ -1,4 +1,5 @@
-"""The FastAPI app: middleware (body size, API key), service routes, the chat page, OpenAI routes.
+"""The FastAPI app: middleware (body size, API key, HEAD as GET), service routes, the chat page,
+OpenAI routes.
 
     app = build_app(ServerConfig(...), engine_factory)   # engine_factory() -> AsyncLLMEngine
 
@@ -94,6 +95,25 @@ class GuardMiddleware:
             await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes")
 
 
+class HeadAsGetMiddleware:
+    """HEAD is GET without the body (RFC 9110): FastAPI would answer a HEAD to a GET route with
+    405. The GET handler runs and its status and headers (Content-Length too) go out."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app(dict(scope, method="GET"), receive, headers_only)
+
+
 def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine],
               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     state = ServerState(config, engine_factory)
@@ -109,6 +129,8 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
                   description="OpenAI-compatible API of the miaotui inference engine")
     app.state.miaotui = state
     install_error_handlers(app)
+    # The last added runs first: the guard, then HEAD as GET.
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(GuardMiddleware, config=config)
     add_openai_routes(app)
 
