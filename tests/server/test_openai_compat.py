@@ -1,5 +1,6 @@
-"""What an OpenAI client meets first, on the tiny model in process: models.retrieve and HEAD on
-GET routes. The official `openai` client runs over the TestClient."""
+"""What an OpenAI client meets first, on the tiny model in process: models.retrieve, HEAD on GET
+routes, and chat's logprobs/top_logprobs checks. The official `openai` client runs over the
+TestClient."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from starlette.routing import Mount, Route
 from tests.server.conftest import tiny_client
 from tests.server.test_http_errors import assert_error
 
+CHAT = [{"role": "user", "content": "Say something."}]
 MAX_MODEL_LEN = 256  # tiny_client's default
 
 
@@ -113,3 +115,34 @@ def test_health_head_is_503_while_loading():
             assert c.head("/health").status_code == 503
         finally:
             gate.set()
+
+
+@pytest.mark.parametrize("top_logprobs", [30, 21, -1])
+def test_top_logprobs_out_of_range_names_top_logprobs_and_the_range(client, top_logprobs):
+    resp = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "logprobs": True,
+                                                      "top_logprobs": top_logprobs})
+    err = assert_error(resp, 400, param="top_logprobs")
+    assert err["message"].startswith("top_logprobs: ") and "[0, 20]" in err["message"]
+    assert str(top_logprobs) in err["message"]
+
+
+@pytest.mark.parametrize("logprobs", [None, False])
+def test_top_logprobs_without_logprobs_true_is_400(client, logprobs):
+    body = {"messages": CHAT, "max_tokens": 2, "top_logprobs": 2}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    err = assert_error(client.post("/v1/chat/completions", json=body), 400, param="top_logprobs")
+    assert "logprobs=true" in err["message"]
+
+
+def test_chat_logprobs_edges_accepted(oai, client):
+    most = oai.chat.completions.create(model="org/tiny", messages=CHAT, max_tokens=2, logprobs=True,
+                                       top_logprobs=20)
+    assert [len(item.top_logprobs) for item in most.choices[0].logprobs.content] == [20, 20]
+    alone = oai.chat.completions.create(model="org/tiny", messages=CHAT, max_tokens=2, logprobs=True)
+    assert [item.top_logprobs for item in alone.choices[0].logprobs.content] == [[], []]
+    assert oai.chat.completions.create(model="org/tiny", messages=CHAT, max_tokens=2,
+                                       extra_body={"logprobs": None}).choices[0].logprobs is None
+    err = assert_error(client.post("/v1/chat/completions", json={"messages": CHAT, "logprobs": 5}),
+                       400, param="logprobs")
+    assert "bool" in err["message"]

@@ -350,7 +350,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     except ValueError as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from exc
     job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl")
-    want_logprobs = body.logprobs
+    want_logprobs = bool(body.logprobs)
     base = {"id": job.request_id, "created": job.created, "model": model}
 
     def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:

@@ -141,7 +141,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = None  # null, as OpenAI allows: no logprobs
     top_logprobs: StrictInt | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
@@ -158,9 +158,18 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tools:
             raise ValueError("tools: tool calling is not supported")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs: needs logprobs=true")
+            raise ValueError(f"top_logprobs: is only allowed with logprobs=true "
+                             f"(got top_logprobs={self.top_logprobs} without it)")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        try:
+            return self._sampling_params(max_tokens, logprobs)
+        except ValueError as exc:
+            # Chat's top_logprobs is what SamplingParams calls logprobs (the alternatives per
+            # token); its range is checked there, once, and reported under the chat field's name.
+            message = str(exc)
+            if message.startswith("logprobs: "):
+                raise ValueError("top_logprobs: " + message.removeprefix("logprobs: ")) from exc
+            raise
 
 
 class TokenizeRequest(BaseModel):
