@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     max_model_len: int | None = None
-    seed: int = 0
+    seed: int | None = None  # draws of unseeded requests; None: fresh randomness per process
     quantization: str = "auto"  # one of QUANTIZATIONS
     tensor_parallel_size: int = 1  # ranks holding a shard each (runner/tensor_parallel.py)
     load_format: str = "auto"  # one of LOAD_FORMATS
@@ -95,8 +95,8 @@ class ModelConfig:
             raise ValueError(f"skip_tokenizer_init: must be true or false, got {self.skip_tokenizer_init!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed: must be an integer or None, got {self.seed!r}")
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -41,12 +41,14 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
 class LLM:
     """Load a model once, then generate for many prompts in continuous batches.
 
-    `model=None` uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF).
+    `model=None` uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF). `seed` seeds the
+    draws of requests without their own `SamplingParams.seed`; None (the default) draws fresh
+    randomness in every process.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
                  dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None,
-                 seed: int = 0, block_size: int = 16, num_kv_blocks: int | None = None,
+                 seed: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory_gib: float | None = None, kv_cache_dtype: str = "auto",
                  enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,

@@ -228,8 +228,9 @@ def resolve_quantization(config: ModelConfig, gguf_reader: Any) -> str:
 def load_dummy_model(hf_config: Any, config: ModelConfig, rank: int = 0) -> torch.nn.Module:
     """`--load-format dummy`: the model of `hf_config` with random weights (loader/dummy.py)."""
     model = _empty_model(hf_config)
+    # Every tensor-parallel rank must draw the same weights: an unset engine seed means 0 here.
     fill_random(model, config.dtype, torch.device("cpu" if config.tensor_parallel_size > 1 else config.device),
-                config.seed)
+                0 if config.seed is None else config.seed)
     return _ready(model, config, rank, resolve_quantization(config, None))
 
 

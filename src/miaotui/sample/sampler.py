@@ -55,9 +55,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device) -> None:
-        # Draws for unseeded requests; seeded ones carry their own generator.
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+    def __init__(self, seed: int | None, device: torch.device) -> None:
+        # Draws for unseeded requests; seeded ones carry their own generator. seed=None (the
+        # default) seeds from the OS, so every process draws fresh randomness, as vLLM,
+        # llama.cpp and Ollama do; an engine seed makes a whole run reproducible.
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits.float()
