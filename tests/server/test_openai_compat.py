@@ -1,10 +1,11 @@
 """What an OpenAI client meets first, on the tiny model in process: models.retrieve, HEAD on GET
-routes, and chat's logprobs/top_logprobs checks. The official `openai` client runs over the
-TestClient."""
+routes, the chat stream's opening role chunk, and chat's logprobs/top_logprobs checks. The
+official `openai` client runs over the TestClient."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import openai
@@ -29,6 +30,28 @@ def client(tiny_server_model):
 def oai(client):
     return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client,
                          max_retries=0)
+
+
+@pytest.fixture
+def gated_engine(client):
+    """The engine's steps wait until `gate` is set; `steps_done` counts those that returned."""
+    runner = client.app.state.miaotui.engine.engine.runner
+    execute = runner.execute
+    gate = threading.Event()
+    steps_done = []
+
+    def gated_execute(sched):
+        gate.wait(60)
+        result = execute(sched)
+        steps_done.append(1)
+        return result
+
+    runner.execute = gated_execute
+    try:
+        yield gate, steps_done
+    finally:
+        gate.set()
+        runner.execute = execute
 
 
 def test_models_retrieve_returns_the_listed_model(oai):
@@ -115,6 +138,46 @@ def test_health_head_is_503_while_loading():
             assert c.head("/health").status_code == 503
         finally:
             gate.set()
+
+
+def test_chat_stream_opens_with_the_role_alone_before_any_token(oai, gated_engine):
+    gate, steps_done = gated_engine
+    stream = oai.chat.completions.create(model="org/tiny", messages=CHAT, max_tokens=4, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)  # the engine cannot have run a step: every step waits for the gate
+    assert steps_done == [] and not gate.is_set()
+    assert first.choices[0].delta.model_dump(exclude_none=True) == {"role": "assistant", "content": ""}
+    assert first.choices[0].finish_reason is None
+    gate.set()
+    rest = list(chunks)
+    assert rest and all(c.choices[0].delta.role is None for c in rest)
+    assert all(set(c.choices[0].delta.model_dump(exclude_none=True)) <= {"content"} for c in rest)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in rest)
+
+
+def test_chat_stream_with_n2_opens_each_choice(client):
+    resp = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 3, "n": 2, "stream": True,
+                                                      "ignore_eos": True})
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert [e["choices"][0] for e in events[:2]] == [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+        for i in (0, 1)]
+    assert all("role" not in e["choices"][0]["delta"] for e in events[2:])
+
+
+def test_streamed_chat_logprobs_cover_every_token(client):
+    resp = client.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 24, "stream": True, "logprobs": True, "top_logprobs": 2,
+        "ignore_eos": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    entries = [item for e in events if e["choices"] and e["choices"][0]["logprobs"]
+               for item in e["choices"][0]["logprobs"]["content"]]
+    assert len(entries) == events[-1]["usage"]["completion_tokens"] == 24
+    assert all(len(item["top_logprobs"]) == 2 for item in entries)
 
 
 @pytest.mark.parametrize("top_logprobs", [30, 21, -1])

@@ -178,11 +178,12 @@ class _Timing:
 
 
 async def _run(state: ServerState, request: Request, job: _Job, chunk, final, stream: bool,
-               include_usage: bool):
+               include_usage: bool, opening: tuple[dict, ...] = ()):
     """Drive a job: SSE of `chunk(...)` dicts when streaming, else `final(...)` once at the end.
 
     chunk(index, out, sent) -> dict | None builds the delta chunk of choice `index`;
-    final(outputs) -> dict builds the whole response from the last output of each prompt.
+    final(outputs) -> dict builds the whole response from the last output of each prompt;
+    `opening` chunks are streamed first, as soon as the job is admitted, before any token.
     """
     timing = _Timing(state)
     sequences = len(job.prompts) * job.n
@@ -235,6 +236,8 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
         last: dict[int, RequestOutput] = {}
         outcome = "disconnected"
         try:
+            for payload in opening:
+                yield f"data: {json.dumps(payload)}\n\n"
             async for i, out in _merged(state, job):
                 last[i] = out
                 new = 0
@@ -352,18 +355,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl")
     want_logprobs = bool(body.logprobs)
     base = {"id": job.request_id, "created": job.created, "model": model}
+    # As OpenAI's: each choice's first chunk is the role alone, sent before the first token.
+    opening = tuple(base | {"object": "chat.completion.chunk", "choices": [{
+        "index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+        "logprobs": None}]} for index in range(job.n))
 
     def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:
-        delta: dict = {}
-        if sent.tokens == 0 and sent.text == 0:
-            delta["role"] = "assistant"
         text = o.text[sent.text:]
-        if text or "role" in delta:
-            delta["content"] = text
-        if not delta and not o.finished:
+        # Tokens whose text is still held back (a partial UTF-8 character or stop string) carry
+        # their logprobs now: the caller counts them as sent whether or not a chunk goes out.
+        new_logprobs = want_logprobs and len(o.token_ids) > sent.tokens
+        if not text and not new_logprobs and not o.finished:
             return None
         return base | {"object": "chat.completion.chunk", "choices": [{
-            "index": index, "delta": delta, "finish_reason": o.finish_reason,
+            "index": index, "delta": {"content": text} if text or new_logprobs else {},
+            "finish_reason": o.finish_reason,
             "logprobs": _chat_logprobs(o, sent.tokens) if want_logprobs else None}]}
 
     def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
@@ -375,7 +381,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                    for o in last[0].outputs]
         return base | {"object": "chat.completion", "choices": choices, "usage": usage}
 
-    return await _run(state, request, job, chunk, final, body.stream, body.include_usage)
+    return await _run(state, request, job, chunk, final, body.stream, body.include_usage, opening)
 
 
 def add_openai_routes(app: FastAPI) -> None:
