@@ -1,5 +1,5 @@
-"""The FastAPI app: middleware (body size, API key, HEAD as GET), service routes, the chat page,
-OpenAI routes.
+"""The FastAPI app: middleware (request counts, body size, API key, HEAD as GET), service routes,
+the chat page, OpenAI routes.
 
     app = build_app(ServerConfig(...), engine_factory)   # engine_factory() -> AsyncLLMEngine
 
@@ -17,11 +17,13 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Router
 
 from miaotui import __version__
 from miaotui.config import ServerConfig
 from miaotui.engine.async_engine import AsyncLLMEngine
 from miaotui.server.errors import APIError, bad_request, error_body, install_error_handlers
+from miaotui.server.metrics import ServerMetrics
 from miaotui.server.openai_routes import add_openai_routes
 from miaotui.server.protocol import DetokenizeRequest, TokenizeRequest
 from miaotui.server.state import ServerState
@@ -114,6 +116,41 @@ class HeadAsGetMiddleware:
         await self.app(dict(scope, method="GET"), receive, headers_only)
 
 
+class RequestCountMiddleware:
+    """Outermost: counts every HTTP request by route and status once it ends, whoever answered
+    it (the guard's 401/413, a route's 4xx, the 500 of an unhandled error)."""
+
+    def __init__(self, app, metrics: ServerMetrics, router: Router) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.router = router
+
+    def _route(self, scope) -> str:
+        # The path template, not the path: label values stay few whatever clients send.
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:  # PARTIAL: the path matched, the method did not (405)
+                return getattr(route, "path_format", route.path)
+        return "unmatched"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = self._route(scope)  # before routing rewrites the scope (a Mount's root_path)
+        status = 500  # what the error middleware answers if the app raises before responding
+
+        async def noting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+
+
 def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine],
               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     state = ServerState(config, engine_factory)
@@ -129,9 +166,10 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
                   description="OpenAI-compatible API of the miaotui inference engine")
     app.state.miaotui = state
     install_error_handlers(app)
-    # The last added runs first: the guard, then HEAD as GET.
+    # The last added runs first: count, then guard, then HEAD as GET.
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(GuardMiddleware, config=config)
+    app.add_middleware(RequestCountMiddleware, metrics=state.metrics, router=app.router)
     add_openai_routes(app)
 
     @app.get("/health")

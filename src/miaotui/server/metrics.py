@@ -60,8 +60,12 @@ class ServerMetrics:
             "miaotui_e2e_request_latency_seconds", "From arrival to the last token.",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter(
-            "miaotui_requests", "Finished generation requests by outcome.", ["outcome"],
-            registry=self.registry)
+            "miaotui_requests", "Admitted generation requests by how they ended: ok, error (in the "
+            "response or the stream) or disconnected.", ["outcome"], registry=self.registry)
+        self.http_requests = Counter(
+            "miaotui_http_requests", "Every HTTP request by route and response status, rejections "
+            "(401, 413, 429, ...) included; route is the path template, or 'unmatched'.",
+            ["route", "status"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
