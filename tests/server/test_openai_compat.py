@@ -1,6 +1,6 @@
 """What an OpenAI client meets first, on the tiny model in process: models.retrieve, HEAD on GET
-routes, the chat stream's opening role chunk, and chat's logprobs/top_logprobs checks. The
-official `openai` client runs over the TestClient."""
+routes, the chat stream's opening role chunk, chat's logprobs/top_logprobs checks, and the
+max_tokens default of each endpoint. The official `openai` client runs over the TestClient."""
 
 from __future__ import annotations
 
@@ -209,3 +209,14 @@ def test_chat_logprobs_edges_accepted(oai, client):
     err = assert_error(client.post("/v1/chat/completions", json={"messages": CHAT, "logprobs": 5}),
                        400, param="logprobs")
     assert "bool" in err["message"]
+
+
+def test_completions_max_tokens_defaults_to_16(oai):
+    resp = oai.completions.create(model="org/tiny", prompt="Once upon a time", extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 16 and resp.choices[0].finish_reason == "length"
+
+
+def test_chat_max_tokens_defaults_to_the_rest_of_the_context(oai):
+    resp = oai.chat.completions.create(model="org/tiny", messages=CHAT, extra_body={"ignore_eos": True})
+    assert resp.usage.prompt_tokens + resp.usage.completion_tokens == MAX_MODEL_LEN
+    assert resp.choices[0].finish_reason == "length"
