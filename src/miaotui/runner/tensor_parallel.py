@@ -10,6 +10,12 @@ Step messages travel by pipe, not by a collective, so an idle server waits on no
 time out: the collective timeout only bounds work inside a step. A worker whose driver is gone
 sees its pipe close and exits.
 
+Exit: a script that never calls `shutdown()` still exits cleanly: live runners are shut down at
+interpreter exit, before multiprocessing's own exit hook would terminate the workers (atexit runs
+hooks last-registered first). Workers ignore SIGINT: Ctrl-C reaches the driver, which stops them.
+Scripts need no `if __name__ == "__main__"` guard: the spawned workers are not told to re-run
+the parent's main module, which they do not need (their target lives here).
+
 Failure: a watcher thread waits on the workers' process sentinels; when one exits, the runner is
 marked failed, `on_failure` callbacks run (the async engine stops serving at once), and any
 step fails fast instead of waiting on a collective that can never complete.
@@ -17,11 +23,16 @@ step fails fast instead of waiting on a collective that can never complete.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import logging
+import multiprocessing.util
 import os
 import pickle
+import signal
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -70,6 +81,37 @@ def _backend(device: str) -> str:
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
+# Runners whose workers are still up; shut down at exit by the hook below.
+_LIVE_RUNNERS: "weakref.WeakSet[TensorParallelRunner]" = weakref.WeakSet()
+
+
+def _shutdown_live_runners() -> None:
+    for runner in list(_LIVE_RUNNERS):
+        runner.shutdown()
+
+
+# multiprocessing.util registered its exit hook (terminate daemonic children) when imported
+# above; this one, registered after it, runs before it.
+assert hasattr(multiprocessing.util, "_exit_function")
+atexit.register(_shutdown_live_runners)
+
+
+@contextlib.contextmanager
+def _main_module_not_rerun():
+    """While workers start: spawn would have each child re-run the parent's `__main__` (found by
+    its `__spec__` or `__file__`), which starts workers again from a script without a main guard
+    ("An attempt has been made to start a new process before ... bootstrapping")."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__spec__", "__file__") if hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
 
 
 def _init_group(model_config: ModelConfig, port: int, rank: int, world: int) -> Any:
@@ -94,6 +136,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
                  max_model_len: int, steps) -> None:
     from miaotui.loader import load_for_config
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle (it stops us)
     configure_threads(model_config.threads, world)  # the cores are shared by all ranks
     return_large_blocks()
     load_for_device(model_config.device)  # CPU kernels (built by the driver already)
@@ -145,18 +188,42 @@ class TensorParallelRunner(ModelRunner):
                                             args=(rank, world, port, model_config, worker_cache, max_model_len,
                                                   receive)))
             self._pipes.append(send)
-        for proc in self.workers:
-            proc.start()
+        with _main_module_not_rerun():
+            for proc in self.workers:
+                proc.start()
         self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_workers, self.workers)
         try:
-            bind_group(model, _init_group(model_config, port, 0, world))
+            bind_group(model, self._join_group(model_config, port))
             self._wait_loaded()
         except BaseException:
             self._finalizer()
             raise
+        _LIVE_RUNNERS.add(self)
         logger.info("tensor parallel: %d ranks (%s), %d threads each", world, _backend(model_config.device),
                     configure_threads(model_config.threads, world))
         threading.Thread(target=self._watch, name="miaotui-tp-watch", daemon=True).start()
+
+    def _join_group(self, model_config: ModelConfig, port: int) -> Any:
+        """The rendezvous, in a thread that is polled, so a worker that dies before joining
+        (an import error, say) fails the start at once instead of after the start-up timeout."""
+        joined: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = _init_group(model_config, port, 0, self.world)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+                joined["error"] = exc
+
+        thread = threading.Thread(target=join, name="miaotui-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.05)
+            dead = self._dead_worker(wait_s=0) if thread.is_alive() else None
+            if dead is not None:
+                raise WorkerFailedError(f"{dead} while starting")
+        if "error" in joined:
+            raise joined["error"]
+        return joined["group"]
 
     def _wait_loaded(self) -> None:
         """The start-up barrier, polled, so a worker that dies while loading fails the start."""
@@ -211,6 +278,7 @@ class TensorParallelRunner(ModelRunner):
         if self._closed:
             return
         self._closed = True
+        _LIVE_RUNNERS.discard(self)
         if self.failure is None and not self._in_step:
             for pipe in self._pipes:
                 try:
