@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,19 +21,40 @@ from tests.conftest import make_tiny_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
+# uvicorn's startup line names the port it bound (the real one when asked for port 0).
+_BOUND_PORT = re.compile(r"Uvicorn running on https?://\S+:(\d+) ")
+_log_names = itertools.count()
+
+
+@contextmanager
+def reserved_port(host: str = "127.0.0.1"):
+    """A port for a server that binds with SO_REUSEPORT (Ray Serve's proxy does), held from
+    before the server starts until after it stops. This socket stays bound but never listens:
+    while it is held the kernel gives the port to no ephemeral bind or connect, a bind of it
+    fails unless made with SO_REUSEADDR or SO_REUSEPORT, and the server's listening socket alone
+    receives the connections."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, 0))
+        yield s.getsockname()[1]
 
 
 class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-        self.base_url = f"http://127.0.0.1:{port}"
+    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
+        self.proc, self.log = proc, log
+        self.port: int | None = None  # known once the server has bound it
+        self.base_url = ""
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def bound_port(self) -> int | None:
+        match = _BOUND_PORT.search(self.log_text())
+        if match and self.port is None:
+            self.port = int(match.group(1))
+            self.base_url = f"http://127.0.0.1:{self.port}"
+        return self.port
 
     def terminate(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -41,26 +64,27 @@ class ServerProcess:
 
 @contextmanager
 def serve(tmp_path: Path, *args: str, load_timeout: float = 180):
-    """Run `miaotui serve ARGS` on a free port until /health is 200; SIGTERM it at the end."""
-    port = free_port()
-    log = tmp_path / f"server-{port}.log"
+    """Run `miaotui serve ARGS` until /health is 200; SIGTERM it at the end. It binds `--port 0`:
+    the kernel gives it a free port in the same bind (no window in which another process could
+    take a port chosen beforehand), and the port is read back from the server's log."""
+    log = tmp_path / f"server-{next(_log_names)}.log"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args],
+        proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "--port", "0", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = ServerProcess(proc, port, log)
+    server = ServerProcess(proc, log)
     try:
         deadline = time.monotonic() + load_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
             try:
-                if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
+                if server.bound_port() and httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become healthy:\n{server.log_text()}")
+                raise RuntimeError(f"server did not become healthy in {load_timeout} s:\n{server.log_text()}")
             time.sleep(0.3)
         yield server
     finally:
@@ -112,9 +136,9 @@ def tiny_client(tiny_server_model, **server_options):
     from fastapi.testclient import TestClient
 
     with TestClient(tiny_app(tiny_server_model, **server_options), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a busy machine loads slowly; a bound, not a speed
         while client.get("/health").status_code != 200:
             if time.monotonic() > deadline:
-                raise RuntimeError("tiny app did not become healthy")
+                raise RuntimeError(f"tiny app did not become healthy in 120 s: {client.get('/health').text}")
             time.sleep(0.05)
         yield client
