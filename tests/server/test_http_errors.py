@@ -89,15 +89,19 @@ def test_body_over_limit_is_413(client):
 
 
 def test_queue_full_is_429_with_retry_after(tiny_server_model):
+    """One running place, no queue: a request holding the place (its engine step held until the
+    test lets it go) makes the next one 429 with Retry-After; once it is let go, both work."""
     with tiny_client(tiny_server_model, max_num_seqs=1, max_queued_requests=0) as c:
         runner = c.app.state.miaotui.engine.engine.runner
         execute = runner.execute
+        stepping, release = threading.Event(), threading.Event()
 
-        def slow_execute(sched):  # the tiny model is too quick to ever hold a slot
-            time.sleep(0.02)
+        def held_execute(sched):  # the engine thread waits here, inside the first request's step
+            stepping.set()
+            assert release.wait(120), "the test never let the step go"
             return execute(sched)
 
-        runner.execute = slow_execute
+        runner.execute = held_execute
         state = c.app.state.miaotui
         results = {}
 
@@ -107,14 +111,16 @@ def test_queue_full_is_429_with_retry_after(tiny_server_model):
 
         t = threading.Thread(target=long_request)
         t.start()
-        deadline = time.monotonic() + 10
-        while state.in_flight == 0 and time.monotonic() < deadline:  # until it holds the only slot
-            time.sleep(0.005)
-        resp = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-        t.join()
+        try:
+            assert stepping.wait(60), "the first request never reached the engine"
+            assert state.in_flight == 1  # it holds the only place, and cannot finish yet
+            resp = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        finally:
+            release.set()
+            t.join(120)
         err = assert_error(resp, 429)
         assert "capacity" in err["message"] and resp.headers["retry-after"] == "1"
-        assert results["first"].status_code == 200
+        assert not t.is_alive() and results["first"].status_code == 200
         assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
@@ -193,17 +199,21 @@ def test_health_is_503_while_loading(tiny_server_model):
 
     gate = threading.Event()
 
-    def slow_factory():
-        gate.wait(30)
+    def slow_factory():  # loading lasts until the test lets it fail
+        gate.wait()
         raise RuntimeError("weights are corrupt")
 
-    with TestClient(build_app(ServerConfig(), slow_factory)) as c:
-        assert c.get("/health").json() == {"status": "loading"}
-        assert c.get("/health").status_code == 503
-        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="loading")
+    try:
+        with TestClient(build_app(ServerConfig(), slow_factory)) as c:
+            assert c.get("/health").json() == {"status": "loading"}
+            assert c.get("/health").status_code == 503
+            assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="loading")
+            gate.set()
+            deadline = time.monotonic() + 60
+            while "error" not in (health := c.get("/health").json())["status"]:
+                assert time.monotonic() < deadline, f"the load error never showed: {health}"
+                time.sleep(0.02)
+            assert c.get("/health").status_code == 503
+            assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="weights are corrupt")
+    finally:
         gate.set()
-        deadline = time.monotonic() + 10
-        while "error" not in c.get("/health").json()["status"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert c.get("/health").status_code == 503
-        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="weights are corrupt")
