@@ -6,9 +6,12 @@ Screenshots go to test-artifacts/ at the project root.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.embedded
@@ -35,10 +38,22 @@ def _send(page, text: str) -> None:
     page.press("#input", "Enter")
 
 
+def _wait_idle(base_url: str, timeout: float = 60) -> None:
+    """Until the server's /metrics shows nothing running or admitted; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = httpx.get(base_url + "/metrics").text
+        busy = re.findall(r"^miaotui_num_(?:requests_running|sequences_admitted) ([0-9.e+-]+)$", metrics, re.M)
+        if len(busy) == 2 and all(float(v) == 0 for v in busy):
+            return
+        assert time.monotonic() < deadline, f"the server still busy after {timeout:.0f} s: {busy}"
+        time.sleep(0.1)
+
+
 def test_streamed_reply_then_stop_on_a_narrow_screen(browser, embedded_server):
     page = browser.new_page(viewport={"width": 375, "height": 740})
     page.goto(embedded_server.base_url + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+    page.wait_for_function("document.getElementById('model').textContent.includes('context')", timeout=60_000)
     page.click("#settings-toggle")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "24")
@@ -64,9 +79,11 @@ def test_streamed_reply_then_stop_on_a_narrow_screen(browser, embedded_server):
         timeout=60_000)
     assert page.is_visible("#stop")
     page.click("#stop")
-    page.wait_for_selector(".msg.assistant[data-done='stopped']", timeout=10_000)
+    page.wait_for_selector(".msg.assistant[data-done='stopped']", timeout=60_000)
     stopped_text = page.inner_text(second + " >> .content")
-    page.wait_for_timeout(1500)
+    # The server saw the page leave and dropped the request: no token can arrive any more, and
+    # the text is still the text at Stop.
+    _wait_idle(embedded_server.base_url)
     assert page.inner_text(second + " >> .content") == stopped_text
     assert "stopped" in page.inner_text(second + " >> .meta")
     assert page.is_visible("#send") and not page.is_visible("#stop")
@@ -81,11 +98,11 @@ def test_page_asks_for_the_api_key_and_uses_it(browser, tmp_path, embedded_gguf)
     with serve(tmp_path, "--kv-cache-memory", "0.25", "--max-model-len", "1024", "--api-key", "k-123") as server:
         page = browser.new_page()
         page.goto(server.base_url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+        page.wait_for_function("document.getElementById('model').textContent.includes('API key')", timeout=60_000)
         assert page.is_visible("#api-key")
         page.fill("#api-key", "k-123")
         page.dispatch_event("#api-key", "change")
-        page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+        page.wait_for_function("document.getElementById('model').textContent.includes('context')", timeout=60_000)
         page.fill("#max-tokens", "8")
         _send(page, "Hi")
         page.wait_for_selector(".msg.assistant[data-done='complete']", timeout=60_000)
