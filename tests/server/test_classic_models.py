@@ -34,8 +34,9 @@ def _serve_tiny(arch: str, tmp_path_factory, embedded_tokenizer):
                                         CacheConfig(num_blocks=64), SchedulerConfig(max_num_seqs=4)))
 
     with TestClient(build_app(ServerConfig(), factory)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # a busy machine loads slowly; a bound, not a speed
+        while (health := client.get("/health")).status_code != 200:
+            assert time.monotonic() < deadline, f"the {arch} app not healthy in 120 s: {health.text}"
             time.sleep(0.05)
         yield client, hf_model
 

@@ -53,9 +53,12 @@ def test_concurrent_streams_match_offline_generation(async_engine, offline):
 def test_cancelled_consumer_aborts_and_frees_blocks(async_engine, engine_llm):
     kv = engine_llm.engine.kv
     free_before = kv.num_free_blocks
+    generated_before = engine_llm.engine.generation_tokens_total
 
     async def main():
-        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        # As long as the context allows: still generating when the consumer leaves, so the freed
+        # blocks below are the abort's doing, not the request's end.
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
         agen = async_engine.generate([40] * 30, params, request_id="gone")
         async for out in agen:
             if len(out.outputs[0].token_ids) >= 3:
@@ -69,6 +72,7 @@ def test_cancelled_consumer_aborts_and_frees_blocks(async_engine, engine_llm):
         return False
 
     assert asyncio.run(main())
+    assert engine_llm.engine.generation_tokens_total - generated_before < 400  # aborted, not finished
 
 
 def test_bad_request_raises_in_the_caller_and_the_engine_goes_on(async_engine):

@@ -56,7 +56,7 @@ def test_dead_worker_fails_the_engine_fast(tmp_path, embedded_gguf):
     engine = AsyncLLMEngine(llm.engine, on_dead=dead.append)
     worker = llm.engine.runner.workers[0]
     os.kill(worker.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound for a busy machine, not an expected speed
     while not dead and time.monotonic() < deadline:
         time.sleep(0.05)
     assert dead and "exited with code -9" in str(dead[0])  # noticed while idle, not at the next request
@@ -64,7 +64,9 @@ def test_dead_worker_fails_the_engine_fast(tmp_path, embedded_gguf):
     started = time.monotonic()
     with pytest.raises(WorkerFailedError):
         llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4), use_tqdm=False)
-    assert time.monotonic() - started < 5
+    # At once, not after the 300 s collective timeout a hang would wait for (the bound is loose
+    # for a busy machine; a hang is 300 s).
+    assert time.monotonic() - started < 60
     engine.shutdown()
 
 
