@@ -2,7 +2,9 @@
 
 Types are checked here; value ranges are checked once, by SamplingParams, whose errors start with
 the field name (the server reports that name as the error's `param`). Unknown fields are ignored,
-as OpenAI's and vLLM's servers do, so clients that send newer fields keep working.
+as OpenAI's and vLLM's servers do, so clients that send newer fields keep working. An explicit
+JSON null on an optional field means its default, as OpenAI's API documents ("integer or null,
+defaults to 16"): clients and SDKs send null for a field they leave unset.
 """
 
 from __future__ import annotations
@@ -10,20 +12,34 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from miaotui.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    """A JSON object of a request: unknown fields ignored, null on an optional field = omitted."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Before validation, so strict fields keep rejecting wrong types ("n": "2", "stream":
+        # 1) while a null takes the field's default. A required field's null stays an error.
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
+
+
+class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Body):
     """Fields both endpoints share. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
     stop_token_ids and skip_special_tokens are extensions, as in vLLM."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     n: StrictInt = 1
@@ -71,7 +87,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
+    max_tokens: StrictInt = 16  # null too, as OpenAI's legacy completions default
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
@@ -112,14 +128,12 @@ class CompletionRequest(_SamplingFields):
         return dataclasses.replace(params, prompt_logprobs=prompt_logprobs)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -132,8 +146,7 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(_Body):
     type: str
 
 
@@ -172,8 +185,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -181,7 +193,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[StrictInt]
