@@ -158,13 +158,14 @@ def run_ray_serve(args: argparse.Namespace, model_config: ModelConfig, cache_con
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Application builder for Serve config files (`import_path: miaotui.ray_serve:app_builder`,
-    e.g. in a KubeRay RayService). `args`: model (required), tokenizer, dtype, max_model_len,
-    quantization, kv_cache_memory_gib, max_num_seqs, max_num_batched_tokens, api_key,
-    served_model_name, num_replicas, cpus_per_replica, max_queued_requests. Unknown keys are
-    an error, so a typo never silently falls back to a default."""
-    known = {"model", "tokenizer", "dtype", "max_model_len", "quantization", "kv_cache_memory_gib", "max_num_seqs",
-             "max_num_batched_tokens", "api_key", "served_model_name", "num_replicas", "cpus_per_replica",
-             "max_queued_requests"}
+    e.g. in a KubeRay RayService). `args`: model (required), tokenizer, skip_tokenizer_init, dtype,
+    max_model_len, quantization, kv_cache_memory_gib, max_num_seqs, max_num_batched_tokens,
+    api_key, served_model_name, num_replicas, cpus_per_replica, max_queued_requests. Unknown keys
+    are an error, so a typo never silently falls back to a default. The configs travel to each
+    replica whole (the deployment's init args), so what a config holds every replica gets."""
+    known = {"model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "quantization",
+             "kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "api_key", "served_model_name",
+             "num_replicas", "cpus_per_replica", "max_queued_requests"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"miaotui app_builder: unknown args {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -172,7 +173,8 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ValueError("miaotui app_builder: args.model (a model folder or .gguf path on every node) is required")
     model_config = ModelConfig(model=args["model"], tokenizer=args.get("tokenizer"),
                                dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len"),
-                               quantization=args.get("quantization", "auto"))
+                               quantization=args.get("quantization", "auto"),
+                               skip_tokenizer_init=args.get("skip_tokenizer_init", False))
     cache_config = CacheConfig(kv_cache_memory_gib=args.get("kv_cache_memory_gib"))
     scheduler_config = SchedulerConfig(max_num_seqs=int(args.get("max_num_seqs", 64)),
                                        max_num_batched_tokens=int(args.get("max_num_batched_tokens", 2048)))

@@ -209,6 +209,7 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        state.require_tokenizer("tokenizing", "prompt" if body.prompt is not None else "messages")
         try:
             if body.messages is not None:
                 ids = await state.chat_prompt_ids([m.as_template_message() for m in body.messages],

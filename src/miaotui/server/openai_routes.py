@@ -24,7 +24,8 @@ from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, bad_request, error_body
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
-from miaotui.server.state import ServerState
+from miaotui.server.state import NO_TOKENIZER, ServerState
+
 
 @dataclass(slots=True)
 class _Job:
@@ -103,24 +104,33 @@ async def _merged(state: ServerState, job: _Job) -> AsyncIterator[tuple[int, Req
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _token_label(tid: int, lp: Logprob | None, as_ids: bool) -> str | None:
+    """How logprobs name a token: its text, or vLLM's `token_id:N` with return_tokens_as_token_ids
+    (the only name a server without a tokenizer has)."""
+    if as_ids:
+        return f"token_id:{tid}"
+    return lp.decoded_token if lp is not None else None
+
+
 def _completion_logprobs(state: ServerState, tokens: list[tuple[int, dict[int, Logprob] | None]],
-                         text_offset: int, top: int) -> dict:
+                         text_offset: int, top: int, as_ids: bool = False) -> dict:
     """OpenAI's logprobs of (token id, its entry) pairs; an entry of None (the first prompt token,
     which nothing scores) gives null logprobs. `text_offset`: where the first token starts in the
     choice's text; each next token starts where the previous one's text ends (as vLLM counts).
-    top_logprobs holds the entries ranked within the `top` requested."""
+    top_logprobs holds the entries ranked within the `top` requested. `as_ids`: tokens are named
+    `token_id:N`; the offsets still index the text."""
     pieces, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
     for tid, entry in tokens:
         chosen = entry.get(tid) if entry is not None else None
-        piece = chosen.decoded_token if chosen is not None else state.decode_token(tid)
-        pieces.append(piece)
+        text = chosen.decoded_token if chosen is not None else state.decode_token(tid)
+        pieces.append(f"token_id:{tid}" if as_ids else text)
         token_lps.append(chosen.logprob if chosen is not None else None)
-        ranked = sorted((lp for lp in (entry or {}).values() if lp.rank is not None and lp.rank <= top),
-                        key=lambda lp: lp.rank)
-        tops.append({lp.decoded_token: lp.logprob for lp in ranked} or None)
+        ranked = sorted(((t, lp) for t, lp in (entry or {}).items() if lp.rank is not None and lp.rank <= top),
+                        key=lambda item: item[1].rank)
+        tops.append({_token_label(t, lp, as_ids): lp.logprob for t, lp in ranked} or None)
         offsets.append(offset)
-        offset += len(piece or "")
+        offset += len(text or "")
     return {"tokens": pieces, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -138,17 +148,18 @@ def _prompt_logprobs_json(prompt_logprobs: list[dict[int, Logprob] | None] | Non
             for entry in prompt_logprobs]
 
 
-def _chat_logprobs(out: CompletionOutput, start: int) -> dict:
+def _chat_logprobs(out: CompletionOutput, start: int, as_ids: bool = False) -> dict:
+    """`bytes` are always the token's text (UTF-8), `token` its text or `token_id:N` (`as_ids`)."""
     content = []
     for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
         chosen = entry[tid]
         content.append({
-            "token": chosen.decoded_token, "logprob": chosen.logprob,
+            "token": _token_label(tid, chosen, as_ids), "logprob": chosen.logprob,
             "bytes": list((chosen.decoded_token or "").encode()),
-            "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob,
+            "top_logprobs": [{"token": _token_label(t, lp, as_ids), "logprob": lp.logprob,
                               "bytes": list((lp.decoded_token or "").encode())}
-                             for lp in sorted((v for v in entry.values() if v.rank is not None),
-                                              key=lambda v: v.rank)],
+                             for t, lp in sorted(((t, v) for t, v in entry.items() if v.rank is not None),
+                                                 key=lambda item: item[1].rank)],
         })
     return {"content": content}
 
@@ -281,7 +292,7 @@ def _job(state: ServerState, prompts: list[list[int]], requested: int | None, ma
             params.append(make_params(_max_tokens(requested, len(ids), limit, room)))
             # The engine's own limits, checked before admission: n beyond max_num_seqs could
             # never run however long it queued (a 400, not a 429).
-            state.llm_engine.check_params(params[-1])
+            state.check_params(params[-1])
         except ValueError as exc:
             raise bad_request(exc) from exc
     return _Job(prompts, params, n, f"{prefix}-{uuid.uuid4().hex}")
@@ -295,12 +306,16 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompts = [state.tokenize(p) for p in body.prompts()]
     except ValueError as exc:
         raise bad_request(exc) from exc
+    if state.tokenizer is None:
+        _check_without_tokenizer(body)
     job = _job(state, prompts, body.max_tokens, body.sampling_params, body.n, "cmpl")
     echo = [state.detokenize(p) for p in prompts] if body.echo else None
     # echo with max_tokens 0 scores the prompt: the engine samples one token (from logits the
     # prompt's last position computes anyway), which is never returned.
     scoring = body.echo and body.max_tokens == 0
     top = body.logprobs or 0
+    as_ids = body.return_tokens_as_token_ids
+    return_ids = body.return_token_ids if body.return_token_ids is not None else state.tokenizer is None
 
     def choice(index: int, o: CompletionOutput, sent: _Sent) -> dict:
         """The choice's text and logprobs since `sent`; its first chunk (or the whole choice)
@@ -313,19 +328,26 @@ async def create_completion(body: CompletionRequest, request: Request):
         out = {"index": index, "text": prefix + text if first else text,
                "finish_reason": "length" if scoring and o.finished else o.finish_reason, "logprobs": None}
         if body.logprobs is not None:
-            lps = _completion_logprobs(state, tokens, len(prefix) + sent.text, top)
+            lps = _completion_logprobs(state, tokens, len(prefix) + sent.text, top, as_ids)
             if echo is not None and first:
                 scored = job.latest[i].prompt_logprobs or [None] * len(prompts[i])
-                lps = _join_logprobs(_completion_logprobs(state, list(zip(prompts[i], scored)), 0, top), lps)
+                lps = _join_logprobs(_completion_logprobs(state, list(zip(prompts[i], scored)), 0, top, as_ids),
+                                     lps)
             out["logprobs"] = lps
         if body.prompt_logprobs is not None and first:
             out["prompt_logprobs"] = _prompt_logprobs_json(job.latest[i].prompt_logprobs)
+        if return_ids:  # vLLM's: the prompt's ids in a choice's first chunk, then each chunk's new ids
+            if first:
+                out["prompt_token_ids"] = prompts[i]
+            out["token_ids"] = [] if scoring else o.token_ids[sent.tokens:]
         return out
 
     def chunk(index: int, o: CompletionOutput, sent: _Sent) -> dict | None:
         # Tokens whose text is held back (a partial character or stop string) still carry their
-        # logprobs now: the caller counts them as sent whether or not a chunk goes out.
-        new_tokens = body.logprobs is not None and len(o.token_ids) > sent.tokens and not scoring
+        # logprobs (and ids) now: the caller counts them as sent whether or not a chunk goes out.
+        # Without a tokenizer no token has text: with ids returned, each new token is a chunk.
+        new_tokens = ((body.logprobs is not None or return_ids) and len(o.token_ids) > sent.tokens
+                      and not scoring)
         if o.text[sent.text:] == "" and not o.finished and not new_tokens and not (echo and sent.tokens == 0):
             return None
         return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model,
@@ -343,10 +365,24 @@ async def create_completion(body: CompletionRequest, request: Request):
     return await _run(state, request, job, chunk, final, body.stream, body.include_usage)
 
 
+def _check_without_tokenizer(body: CompletionRequest) -> None:
+    """What a completion cannot have on a server without a tokenizer (400s before admission)."""
+    if body.echo:
+        raise APIError(400, f"echo: returns the prompt's text, and {NO_TOKENIZER}; the prompt's ids "
+                            "are in each choice's prompt_token_ids", param="echo")
+    if body.logprobs is not None and not body.return_tokens_as_token_ids:
+        raise APIError(400, f"logprobs: tokens are named by their text, and {NO_TOKENIZER}; send "
+                            "return_tokens_as_token_ids: true to name them 'token_id:N'", param="logprobs")
+
+
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.miaotui
     state.engine_or_503()
     model = state.check_model(body.model)
+    if state.tokenizer is None:
+        raise APIError(400, f"messages: chat completions render the messages with the model's chat template "
+                            f"and tokenizer, and {NO_TOKENIZER}; use /v1/completions with "
+                            "token-id prompts", param="messages")
     messages = [m.as_template_message() for m in body.messages]
     try:
         ids = await state.chat_prompt_ids(messages, body.add_generation_prompt, body.chat_template)
@@ -354,6 +390,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError(400, f"messages: {exc}", param="messages") from exc
     job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl")
     want_logprobs = bool(body.logprobs)
+    as_ids = body.return_tokens_as_token_ids
     base = {"id": job.request_id, "created": job.created, "model": model}
     # As OpenAI's: each choice's first chunk is the role alone, sent before the first token.
     opening = tuple(base | {"object": "chat.completion.chunk", "choices": [{
@@ -370,14 +407,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return base | {"object": "chat.completion.chunk", "choices": [{
             "index": index, "delta": {"content": text} if text or new_logprobs else {},
             "finish_reason": o.finish_reason,
-            "logprobs": _chat_logprobs(o, sent.tokens) if want_logprobs else None}]}
+            "logprobs": _chat_logprobs(o, sent.tokens, as_ids) if want_logprobs else None}]}
 
     def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
         if usage_chunk:
             return base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "finish_reason": o.finish_reason,
-                    "logprobs": _chat_logprobs(o, 0) if want_logprobs else None}
+                    "logprobs": _chat_logprobs(o, 0, as_ids) if want_logprobs else None}
                    for o in last[0].outputs]
         return base | {"object": "chat.completion", "choices": choices, "usage": usage}
 

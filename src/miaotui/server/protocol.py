@@ -39,7 +39,8 @@ class StreamOptions(_Body):
 
 class _SamplingFields(_Body):
     """Fields both endpoints share. top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-    stop_token_ids and skip_special_tokens are extensions, as in vLLM."""
+    stop_token_ids and skip_special_tokens are extensions, as in vLLM; so is
+    return_tokens_as_token_ids (logprobs name each token `token_id:N` rather than its text)."""
 
     model: str | None = None
     n: StrictInt = 1
@@ -60,6 +61,7 @@ class _SamplingFields(_Body):
     min_tokens: StrictInt = 0
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
+    return_tokens_as_token_ids: StrictBool = False
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -93,6 +95,9 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: StrictInt | None = None
     prompt_logprobs: StrictInt | None = None  # vLLM's extension: each choice's `prompt_logprobs`
+    # vLLM's extension: each choice's `prompt_token_ids` and `token_ids`. Unset: returned only
+    # when the server runs without a tokenizer (then the ids are the whole output).
+    return_token_ids: StrictBool | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one string, one token list, or a batch of either."""

@@ -10,12 +10,17 @@ from typing import Any
 
 from miaotui.config import ServerConfig
 from miaotui.engine.async_engine import AsyncLLMEngine
+from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import ServerMetrics
 from miaotui.tokenizer import chat_prompt_ids
 from miaotui.tokenizer_core import CoreTokenizer, transformers_tokenizer
 
 logger = logging.getLogger("miaotui.server")
+
+# The clause of every 400 that a server started with --skip-tokenizer-init (an engine whose
+# tokenizer is None: token-id prompts only, outputs without text) gives for what needs text.
+NO_TOKENIZER = "this server runs without a tokenizer (--skip-tokenizer-init)"
 
 
 class ServerState:
@@ -45,6 +50,8 @@ class ServerState:
                 logger.error("loading the model failed: %s", exc)
                 if on_error is not None:
                     on_error(exc)
+                return
+            if self.tokenizer is None:  # --skip-tokenizer-init: no chat template to prepare
                 return
             # Chat templates need the transformers tokenizer: load it now, in the background,
             # rather than in the first chat request (which meanwhile waits for it, if it comes).
@@ -121,19 +128,39 @@ class ServerState:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "miaotui",
                 "max_model_len": self.max_model_len}
 
+    def require_tokenizer(self, what: str, param: str | None) -> Any:
+        """The tokenizer; without one a 400 that says `what` needs it and names the flag."""
+        if self.tokenizer is None:
+            raise APIError(400, f"{param + ': ' if param else ''}{what} needs a tokenizer, and {NO_TOKENIZER}",
+                           param=param)
+        return self.tokenizer
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
-            return self.tokenizer.encode(prompt)
+            tokenizer = self.tokenizer
+            if tokenizer is None:
+                raise APIError(400, f"prompt: a text prompt needs a tokenizer, and {NO_TOKENIZER}: send "
+                                    "prompts as token ids", param="prompt")
+            return tokenizer.encode(prompt)
         self.llm_engine.check_prompt_ids(prompt)
         return list(prompt)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        return self.require_tokenizer("turning token ids into text", "tokens").decode(ids)
 
     def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """One token's text; "" without a tokenizer (as the engine's outputs have no text then)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The engine's limits, and what a server without a tokenizer cannot do, before admission
+        (the engine would refuse it only once the request is queued, in a stream's body)."""
+        self.llm_engine.check_params(params)
+        if self.tokenizer is None and params.stop_strings:
+            raise ValueError(f"stop: stop strings are matched in the text, and {NO_TOKENIZER}; "
+                             "use stop_token_ids")
 
     # --- admission -----------------------------------------------------------------------------
     def admit(self, sequences: int) -> None:
