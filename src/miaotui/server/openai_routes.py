@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 import weakref
@@ -25,6 +26,8 @@ from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, bad_request, error_body
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
 from miaotui.server.state import NO_TOKENIZER, ServerState
+
+logger = logging.getLogger("miaotui.server")
 
 
 @dataclass(slots=True)
@@ -232,7 +235,7 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
                     timing.done("disconnected")
                     return JSONResponse(error_body(499, "client disconnected"), status_code=499)
             last = task.result()
-        except APIError:
+        except Exception:  # an APIError becomes its JSON error; anything else a logged 500
             timing.done("error")
             raise
         finally:
@@ -269,6 +272,11 @@ async def _run(state: ServerState, request: Request, job: _Job, chunk, final, st
         except APIError as exc:  # headers are gone: report in-band, as OpenAI-compatible servers do
             outcome = "error"
             yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
+        except Exception:  # a bug: the trace goes to the log, the client gets an in-band 500
+            # (a client that left raises CancelledError or GeneratorExit, no Exception: "disconnected")
+            outcome = "error"
+            logger.exception("unhandled error in the stream of %s", job.request_id)
+            yield f"data: {json.dumps(error_body(500, 'internal server error; the server log has the details'))}\n\n"
         finally:
             release_once()
             timing.done(outcome)
