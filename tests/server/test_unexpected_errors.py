@@ -1,7 +1,7 @@
 """An unexpected exception (a bug, not an APIError) during generation: counted as outcome "error"
 in miaotui_requests_total, reported to the client as a 500 (in-band in a stream, which then
-ends properly), its stack trace in the server log and never in the response. Tiny model, in
-process."""
+ends properly), its stack trace in the server log and never in the response. Also: GET
+/v1/models/ with an empty id. Tiny model, in process."""
 
 from __future__ import annotations
 
@@ -90,3 +90,11 @@ def test_after_the_errors_the_server_still_serves(client):
     assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
     assert client.app.state.miaotui.in_flight == 0
 
+
+def test_empty_model_id_is_a_sensible_404(client):
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    err = assert_error(client.get("/v1/models/"), 404, param="model")
+    assert "no model id" in err["message"] and name in err["message"] and "``" not in err["message"]
+    assert err["code"] == "model_not_found"
+    err = assert_error(client.get("/v1/models/other"), 404, param="model")  # a wrong id still names it
+    assert "`other`" in err["message"]

@@ -195,6 +195,9 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         state.engine_or_503()
+        if not model_id:  # "/v1/models/": a client that built the URL from an empty name
+            raise APIError(404, f"no model id in the path: GET /v1/models/{{id}} needs one; this server "
+                                f"serves `{state.model_name}`.", param="model", code="model_not_found")
         if model_id != state.model_name:
             raise state.unknown_model(model_id)
         return state.model_card()
