@@ -21,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from miaotui.engine.async_engine import EngineDeadError
-from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
+from miaotui.outputs import CompletionOutput, RequestOutput
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, bad_request, error_body
+from miaotui.server.logprobs import chat_logprobs, completion_logprobs, join_logprobs, prompt_logprobs_json
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
 from miaotui.server.state import NO_TOKENIZER, ServerState
 
@@ -105,66 +106,6 @@ async def _merged(state: ServerState, job: _Job) -> AsyncIterator[tuple[int, Req
         for t in tasks:  # a client that left (or an error) aborts every engine request
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _token_label(tid: int, lp: Logprob | None, as_ids: bool) -> str | None:
-    """How logprobs name a token: its text, or vLLM's `token_id:N` with return_tokens_as_token_ids
-    (the only name a server without a tokenizer has)."""
-    if as_ids:
-        return f"token_id:{tid}"
-    return lp.decoded_token if lp is not None else None
-
-
-def _completion_logprobs(state: ServerState, tokens: list[tuple[int, dict[int, Logprob] | None]],
-                         text_offset: int, top: int, as_ids: bool = False) -> dict:
-    """OpenAI's logprobs of (token id, its entry) pairs; an entry of None (the first prompt token,
-    which nothing scores) gives null logprobs. `text_offset`: where the first token starts in the
-    choice's text; each next token starts where the previous one's text ends (as vLLM counts).
-    top_logprobs holds the entries ranked within the `top` requested. `as_ids`: tokens are named
-    `token_id:N`; the offsets still index the text."""
-    pieces, token_lps, tops, offsets = [], [], [], []
-    offset = text_offset
-    for tid, entry in tokens:
-        chosen = entry.get(tid) if entry is not None else None
-        text = chosen.decoded_token if chosen is not None else state.decode_token(tid)
-        pieces.append(f"token_id:{tid}" if as_ids else text)
-        token_lps.append(chosen.logprob if chosen is not None else None)
-        ranked = sorted(((t, lp) for t, lp in (entry or {}).items() if lp.rank is not None and lp.rank <= top),
-                        key=lambda item: item[1].rank)
-        tops.append({_token_label(t, lp, as_ids): lp.logprob for t, lp in ranked} or None)
-        offsets.append(offset)
-        offset += len(text or "")
-    return {"tokens": pieces, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _join_logprobs(head: dict, tail: dict) -> dict:
-    return {key: head[key] + tail[key] for key in head}
-
-
-def _prompt_logprobs_json(prompt_logprobs: list[dict[int, Logprob] | None] | None) -> list | None:
-    """vLLM's `prompt_logprobs` of a choice: null first, then {token id: logprob, rank, text}."""
-    if prompt_logprobs is None:
-        return None
-    return [None if entry is None else
-            {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-             for tid, lp in entry.items()}
-            for entry in prompt_logprobs]
-
-
-def _chat_logprobs(out: CompletionOutput, start: int, as_ids: bool = False) -> dict:
-    """`bytes` are always the token's text (UTF-8), `token` its text or `token_id:N` (`as_ids`)."""
-    content = []
-    for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
-        chosen = entry[tid]
-        content.append({
-            "token": _token_label(tid, chosen, as_ids), "logprob": chosen.logprob,
-            "bytes": list((chosen.decoded_token or "").encode()),
-            "top_logprobs": [{"token": _token_label(t, lp, as_ids), "logprob": lp.logprob,
-                              "bytes": list((lp.decoded_token or "").encode())}
-                             for t, lp in sorted(((t, v) for t, v in entry.items() if v.rank is not None),
-                                                 key=lambda item: item[1].rank)],
-        })
-    return {"content": content}
 
 
 class _Timing:
@@ -336,14 +277,13 @@ async def create_completion(body: CompletionRequest, request: Request):
         out = {"index": index, "text": prefix + text if first else text,
                "finish_reason": "length" if scoring and o.finished else o.finish_reason, "logprobs": None}
         if body.logprobs is not None:
-            lps = _completion_logprobs(state, tokens, len(prefix) + sent.text, top, as_ids)
+            lps = completion_logprobs(state, tokens, len(prefix) + sent.text, top, as_ids)
             if echo is not None and first:
                 scored = job.latest[i].prompt_logprobs or [None] * len(prompts[i])
-                lps = _join_logprobs(_completion_logprobs(state, list(zip(prompts[i], scored)), 0, top, as_ids),
-                                     lps)
+                lps = join_logprobs(completion_logprobs(state, list(zip(prompts[i], scored)), 0, top, as_ids), lps)
             out["logprobs"] = lps
         if body.prompt_logprobs is not None and first:
-            out["prompt_logprobs"] = _prompt_logprobs_json(job.latest[i].prompt_logprobs)
+            out["prompt_logprobs"] = prompt_logprobs_json(job.latest[i].prompt_logprobs)
         if return_ids:  # vLLM's: the prompt's ids in a choice's first chunk, then each chunk's new ids
             if first:
                 out["prompt_token_ids"] = prompts[i]
@@ -415,14 +355,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return base | {"object": "chat.completion.chunk", "choices": [{
             "index": index, "delta": {"content": text} if text or new_logprobs else {},
             "finish_reason": o.finish_reason,
-            "logprobs": _chat_logprobs(o, sent.tokens, as_ids) if want_logprobs else None}]}
+            "logprobs": chat_logprobs(o, sent.tokens, as_ids) if want_logprobs else None}]}
 
     def final(last: dict[int, RequestOutput], usage: dict, usage_chunk: bool = False) -> dict:
         if usage_chunk:
             return base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "finish_reason": o.finish_reason,
-                    "logprobs": _chat_logprobs(o, 0, as_ids) if want_logprobs else None}
+                    "logprobs": chat_logprobs(o, 0, as_ids) if want_logprobs else None}
                    for o in last[0].outputs]
         return base | {"object": "chat.completion", "choices": choices, "usage": usage}
 
