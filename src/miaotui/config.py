@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# User-facing dtype names -> torch attribute names. torch is imported only when a config is
+# built, so the command line's --help and --version (which import this module) stay fast.
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 
 
@@ -32,12 +36,14 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a user-facing dtype name to a torch dtype; unknown names raise ValueError."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in {getattr(torch, name) for name in _DTYPES.values()}:
             raise ValueError(f"dtype: {dtype} is not supported; use one of float32, float16, bfloat16")
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
         raise ValueError(
             f"dtype: unknown value {dtype!r}; use one of float32, float16, bfloat16"
@@ -65,7 +71,7 @@ class ModelConfig:
 
     model: str | None = None
     tokenizer: str | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | str = "float32"  # parsed to a torch.dtype on construction
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int | None = None  # draws of unseeded requests; None: fresh randomness per process
@@ -156,6 +162,7 @@ class ServerConfig:
     max_queued_requests: int = 256
     max_body_bytes: int = 4 * 2**20
     graceful_shutdown_s: float = 30.0
+    chat_template: str | None = None  # Jinja text for requests that send none (None: the model's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

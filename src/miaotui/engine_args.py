@@ -7,6 +7,7 @@ live here, beneath both (DESIGN.md: Layering), not in either front end.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from miaotui.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, CacheConfig, ModelConfig
 
@@ -52,3 +53,20 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
                         threads=args.threads, compile_decode=args.compile_decode,
                         skip_tokenizer_init=args.skip_tokenizer_init),
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype))
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file holding a Jinja template, or the template itself (as vLLM takes
+    it). Anything else is an error that names the path, before the model loads."""
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"chat_template: {value!r} is neither a file nor a Jinja template "
+                         "(give a template file, or the template text itself)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"chat_template: cannot read {value}: {exc}") from exc

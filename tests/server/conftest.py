@@ -21,8 +21,9 @@ from tests.conftest import make_tiny_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# uvicorn's startup line names the port it bound (the real one when asked for port 0).
-_BOUND_PORT = re.compile(r"Uvicorn running on https?://\S+:(\d+) ")
+# `miaotui serve` binds its socket before anything loads and logs the port it bound (the real
+# one when asked for port 0): "serving on http://127.0.0.1:PORT (chat page ...".
+_BOUND_PORT = re.compile(r"serving on https?://\S+:(\d+) ")
 _log_names = itertools.count()
 
 

@@ -19,8 +19,8 @@ def _miaotui(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           capture_output=True, timeout=300, env=env)
 
 
-def test_generate_streams_the_greedy_completion(embedded_llm):
-    proc = _miaotui("generate", "The capital of France is", "--max-tokens", "12", "--temperature", "0")
+def test_raw_generate_streams_the_greedy_completion(embedded_llm):
+    proc = _miaotui("generate", "The capital of France is", "--raw", "--max-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     expected = embedded_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12),
                               use_tqdm=False)[0].outputs[0].text

@@ -162,11 +162,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first)")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--num-requests", type=int, default=64, help="requests in all")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     parser.add_argument("--tokenizer", default=None,
                         help="model whose tokenizer draws the prompts (default: the embedded model)")
     parser.add_argument("--no-ignore-eos", action="store_true",

@@ -136,11 +136,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer (folder or GGUF) when the model folder has none, e.g. a random test model")
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--hf-batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--num-requests", type=int, default=32, help="requests, all submitted at once")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    parser.add_argument("--hf-batch-size", type=int, default=32,
+                        help="transformers side: requests per generate() batch (left-padded)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU threads, the same for both sides")
     parser.add_argument("--skip-hf", action="store_true", help="run miaotui only")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser

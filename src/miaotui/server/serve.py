@@ -12,28 +12,71 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 
 from miaotui.config import SchedulerConfig, ServerConfig
 
 logger = logging.getLogger("miaotui.server")
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the model loads: a port in use is an error at once
+    that names it (uvicorn would report it only after our start-up lines)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"host: cannot resolve {host!r} ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"port: {port} on {host} is already in use (is another server running?); "
+                             "stop it or pick another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)  # connections queue from now on, while the server starts
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, logged at start)")
     p.add_argument("--api-key", default=os.environ.get("MIAOTUI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MIAOTUI_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: file name)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) for requests that send "
+                        "none (default: the model's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the draws of requests without their own seed: a whole run reproducible "
+                        "(default: fresh randomness every start)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens one engine step may compute (prompt chunks + decodes): larger prefills "
+                        "faster, smaller keeps streams smooth while long prompts arrive")
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="sequences waiting beyond --max-num-seqs before 429")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="largest request body accepted, in bytes (413 beyond)")
     p.add_argument("--graceful-shutdown", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server and access log level")
     from miaotui.ray_serve import add_ray_args
 
     add_ray_args(p)
@@ -56,11 +99,11 @@ class _Server:
 
         self.server = Server(config)
 
-    async def run(self) -> None:
+    async def run(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        await self.server.serve()
+        await self.server.serve(sockets=[sock])
 
     def stop(self) -> None:
         if not self.server.should_exit:
@@ -72,7 +115,7 @@ class _Server:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from miaotui.engine_args import model_and_cache_configs
+    from miaotui.engine_args import load_chat_template, model_and_cache_configs
     from miaotui.engine.async_engine import AsyncLLMEngine
     from miaotui.engine.llm_engine import LLMEngine
     from miaotui.server.app import build_app
@@ -82,13 +125,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  served_model_name=args.served_model_name,
                                  max_queued_requests=args.max_queued_requests,
                                  max_body_bytes=args.max_body_bytes,
-                                 graceful_shutdown_s=args.graceful_shutdown)
+                                 graceful_shutdown_s=args.graceful_shutdown,
+                                 chat_template=load_chat_template(args.chat_template))
     model_config, cache_config = model_and_cache_configs(args)
+    model_config = dataclasses.replace(model_config, seed=args.seed)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens)
+    sock = bind_socket(args.host, args.port)  # before anything slow: a port in use fails now
     if args.ray:
         from miaotui.ray_serve import run_ray_serve
 
+        sock.close()  # Ray Serve's proxy binds the port itself
         return run_ray_serve(args, model_config, cache_config, scheduler_config, server_config)
 
     failed: list[BaseException] = []
@@ -110,11 +157,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.server.should_exit = True
 
     app = build_app(server_config, factory, on_load_error)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.graceful_shutdown, access_log=False)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.graceful_shutdown,
+                            access_log=args.log_level == "debug")
     server = _Server(config)
-    logger.info("serving on http://%s:%d (chat page at /, API at /v1)", args.host, args.port)
-    asyncio.run(server.run())
+    logger.info("serving on %s (chat page at /, API at /v1)", _url(sock))
+    asyncio.run(server.run(sock))
     if failed:
         logger.error("exiting: the model could not be loaded")
         return 2

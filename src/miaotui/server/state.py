@@ -83,7 +83,7 @@ class ServerState:
         is still loading (tokenizer_core.py), in a worker thread: the event loop must not wait
         for it. A tokenizer that failed to load is a 503 that says why."""
         tokenizer = self.tokenizer
-        args = (tokenizer, messages, add_generation_prompt, chat_template)
+        args = (tokenizer, messages, add_generation_prompt, chat_template or self.config.chat_template)
         try:
             if isinstance(tokenizer, CoreTokenizer) and tokenizer.full_pending:
                 return await asyncio.to_thread(chat_prompt_ids, *args)
