@@ -27,6 +27,7 @@ import threading
 from typing import Any
 
 from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from miaotui.engine_args import load_chat_template
 
 logger = logging.getLogger("miaotui.server")
 
@@ -160,12 +161,13 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Application builder for Serve config files (`import_path: miaotui.ray_serve:app_builder`,
     e.g. in a KubeRay RayService). `args`: model (required), tokenizer, skip_tokenizer_init, dtype,
     max_model_len, quantization, kv_cache_memory_gib, max_num_seqs, max_num_batched_tokens,
-    api_key, served_model_name, num_replicas, cpus_per_replica, max_queued_requests. Unknown keys
+    api_key, served_model_name, chat_template (a file or the template), seed, num_replicas,
+    cpus_per_replica, max_queued_requests. Unknown keys
     are an error, so a typo never silently falls back to a default. The configs travel to each
     replica whole (the deployment's init args), so what a config holds every replica gets."""
     known = {"model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "quantization",
              "kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "api_key", "served_model_name",
-             "num_replicas", "cpus_per_replica", "max_queued_requests"}
+             "chat_template", "seed", "num_replicas", "cpus_per_replica", "max_queued_requests"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"miaotui app_builder: unknown args {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -174,11 +176,13 @@ def app_builder(args: dict[str, Any]) -> Any:
     model_config = ModelConfig(model=args["model"], tokenizer=args.get("tokenizer"),
                                dtype=args.get("dtype", "float32"), max_model_len=args.get("max_model_len"),
                                quantization=args.get("quantization", "auto"),
-                               skip_tokenizer_init=args.get("skip_tokenizer_init", False))
+                               skip_tokenizer_init=args.get("skip_tokenizer_init", False),
+                               seed=args.get("seed"))
     cache_config = CacheConfig(kv_cache_memory_gib=args.get("kv_cache_memory_gib"))
     scheduler_config = SchedulerConfig(max_num_seqs=int(args.get("max_num_seqs", 64)),
                                        max_num_batched_tokens=int(args.get("max_num_batched_tokens", 2048)))
-    server_config = ServerConfig(api_key=args.get("api_key"), served_model_name=args.get("served_model_name"))
+    server_config = ServerConfig(api_key=args.get("api_key"), served_model_name=args.get("served_model_name"),
+                                 chat_template=load_chat_template(args.get("chat_template")))
     return build_application(model_config, cache_config, scheduler_config, server_config,
                              num_replicas=int(args.get("num_replicas", 1)),
                              cpus_per_replica=float(args.get("cpus_per_replica", 1.0)),

@@ -368,6 +368,9 @@ def test_kuberay_manifest_builds_the_serve_application(tiny_server_model):
     args = dict(application["args"], model=tiny_server_model[0])
     built = app_builder(args)
     assert type(built).__name__ == "Application"
+    assert type(app_builder(dict(args, seed=3, chat_template="{{ messages[0].content }}"))).__name__ == "Application"
+    with pytest.raises(ValueError, match="chat_template"):
+        app_builder(dict(args, chat_template="/no/such/template.jinja"))
     with pytest.raises(ValueError, match="unknown args num_replica"):
         app_builder(dict(args, num_replica=3))
     with pytest.raises(ValueError, match="args.model"):
