@@ -115,14 +115,17 @@ def test_nonstreaming_client_that_leaves_frees_its_blocks(embedded_server):
 def test_sigterm_finishes_in_flight_request_then_exits_0(tmp_path, embedded_gguf):
     """SIGTERM with a request streaming: the server begins its graceful shutdown (its log says so)
     while the request is still in flight, finishes it in full, then exits 0."""
-    with serve(tmp_path, "--kv-cache-memory", "0.25", "--max-model-len", "1024", "--graceful-shutdown", "300") as server:
+    # One kernel thread: on a machine whose cores are busy elsewhere, a thread per core made 600
+    # tokens take 160 s here (17 s with one thread).
+    with serve(tmp_path, "--kv-cache-memory", "0.25", "--max-model-len", "1024", "--graceful-shutdown", "300",
+               "--threads", "1") as server:
         lines: list[str] = []
         first_chunk, ended = threading.Event(), threading.Event()
 
         def long_stream():
-            # 600 tokens took the embedded model several seconds here: running when the
-            # shutdown begins (milliseconds after the signal), done well within the grace period.
-            body = {"prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": True, "stream": True}
+            # Running when the shutdown begins (milliseconds after the signal; 400 tokens take
+            # seconds), done well within the grace period.
+            body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
             try:
                 with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=300) as resp:
                     for line in resp.iter_lines():
