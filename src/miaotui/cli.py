@@ -88,7 +88,10 @@ class _StopBetweenSteps:
         self.requested = threading.Event()
 
     def __enter__(self) -> _StopBetweenSteps:
-        self._previous = signal.signal(signal.SIGINT, lambda *_: self.requested.set())
+        # A process started with SIGINT ignored (nohup, a background job) keeps ignoring it.
+        self._previous = signal.getsignal(signal.SIGINT)
+        if self._previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, lambda *_: self.requested.set())
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,6 +28,13 @@ def _miaotui(*args: str, stdin: str | None = None, timeout: float = 300) -> subp
     return subprocess.run([*CLI, *args], input=stdin, text=True, capture_output=True, timeout=timeout, env=ENV)
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child before exec: a test run started in the background (`cmd &` in a script, as a
+    CI runner may) inherits SIGINT ignored, and so would the CLI under test. A user's terminal
+    delivers it: restore the default, so Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(stream, marker: str, proc: subprocess.Popen, deadline_s: float = 180) -> str:
     """Read `stream` (a child's pipe) until `marker` appears; fail if the child exits first."""
     seen = ""
@@ -89,7 +96,8 @@ def endless_model(tmp_path_factory):
 def test_ctrl_c_during_generate_exits_130_without_a_traceback(endless_model, embedded_gguf):
     proc = subprocess.Popen([*CLI, "generate", "Hi", "--model", endless_model, "--tokenizer", embedded_gguf,
                              "--raw", "--ignore-eos", "--max-tokens", "60000", "--kv-cache-memory", "0.25"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_sigint_as_at_a_terminal)
     try:
         proc.stdout.read(1)  # the stream has started: a SIGINT now lands mid-generation
         proc.send_signal(signal.SIGINT)
@@ -127,7 +135,7 @@ def test_ctrl_c_during_the_first_chat_turn_exits_130_without_a_traceback(tmp_pat
     script = tmp_path / "slow_chat.py"
     script.write_text(textwrap.dedent(SLOW_TEMPLATE_LOAD))
     proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_sigint_as_at_a_terminal)
     try:
         proc.stdin.write("Hello\n")
         proc.stdin.flush()
