@@ -299,3 +299,14 @@ def test_unsupported_hf_architecture_is_named_before_the_tokenizer(tmp_path, emb
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="unsupported architecture: FalconForCausalLM"):
         LLM(str(folder), tokenizer=embedded_gguf)
+
+
+def test_unsupported_rope_type_is_named_before_the_tokenizer(tmp_path, embedded_gguf, no_tokenizer_loading,
+                                                             no_weight_loading):
+    folder, _ = make_tiny_checkpoint(tmp_path / "m", "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    cfg["rope_scaling"] = cfg["rope_parameters"] = rope
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="RoPE type 'yarn' is not supported; supported: default"):
+        LLM(str(folder), tokenizer=embedded_gguf)

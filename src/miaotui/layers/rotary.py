@@ -24,6 +24,17 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+def check_rope(hf_config: Any) -> None:
+    """The config's RoPE type is one this module computes (checked before anything loads)."""
+    rope_type = rope_parameters(hf_config)["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1 frequency scaling: long wavelengths slowed by `factor`, short kept, smooth between."""
     import math
@@ -56,9 +67,8 @@ def compute_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float
         # Dynamic NTK only changes frequencies beyond max_position_embeddings, which the
         # engine's context limit never exceeds: the base frequencies are exact here.
         return inv_freq, 1.0
-    raise UnsupportedModelError(
-        f"RoPE type {rope_type!r} is not supported; supported: default, linear, llama3, dynamic"
-    )
+    check_rope(hf_config)
+    raise AssertionError(f"RoPE type {rope_type!r} is listed as supported but not computed")
 
 
 class RotaryEmbedding(nn.Module):

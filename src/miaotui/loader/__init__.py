@@ -122,7 +122,11 @@ def check_model(source: ModelSource, config: ModelConfig) -> CheckedModel:
         files = st_loader.check_folder(source.path)
         hf_config = st_loader.read_hf_config(source.path)
         checked = CheckedModel(source, hf_config, files=files, num_tensors=st_loader.count_tensors(files))
-    check_runnable(model_class(hf_config), config)
+    cls = model_class(hf_config)
+    check_config = getattr(cls, "check_config", None)
+    if check_config is not None:  # the class's own limits: activation, RoPE type, ...
+        check_config(hf_config)
+    check_runnable(cls, config)
     return checked
 
 

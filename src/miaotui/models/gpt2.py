@@ -67,13 +67,18 @@ class GPT2Block(nn.Module):
 class GPT2LMHeadModel(CausalLMHead, nn.Module):
     tie_word_embeddings = True  # GPT-2's head is always its token embedding
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__()
+    @staticmethod
+    def check_config(cfg: Any) -> None:
+        """What this class cannot run, found from the config alone (before anything loads)."""
         if cfg.activation_function not in ACTIVATIONS:
             raise UnsupportedModelError(f"GPT-2 activation {cfg.activation_function!r} is not supported; "
                                         f"supported: {', '.join(sorted(ACTIVATIONS))}")
         if getattr(cfg, "add_cross_attention", False):
             raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.check_config(cfg)
         self.config = cfg
         self.transformer = nn.Module()
         self.transformer.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

@@ -19,7 +19,7 @@ from miaotui.kernels.cpu_build import cpu_op
 from miaotui.layers.activations import SiluAndMul
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
-from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
+from miaotui.layers.rotary import RotaryEmbedding, apply_rotary, check_rope
 from miaotui.layers.tensor_parallel import (RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                                             column_parallel, shard_slice)
 from miaotui.models.base import CausalLMHead
@@ -102,11 +102,17 @@ _FUSED_NAME = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+_proj)\
 
 
 class LlamaForCausalLM(CausalLMHead, nn.Module):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__()
+    @staticmethod
+    def check_config(cfg: Any) -> None:
+        """What this class cannot run, found from the config alone (before anything loads)."""
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"activation {act!r} is not supported for Llama-family models")
+        check_rope(cfg)
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.check_config(cfg)
         self.config = cfg
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.model = nn.Module()
