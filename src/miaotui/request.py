@@ -74,7 +74,7 @@ class Request:
     block_ids: list[int] = field(init=False, default_factory=list)
     # Chained hashes of the full blocks of token_ids computed so far (prefix cache keys), and
     # how many of this request's blocks are registered in the prefix cache.
-    block_hashes: list[int] = field(init=False, default_factory=list)
+    block_hashes: list[bytes] = field(init=False, default_factory=list)  # kv_cache.hash_block keys
     num_cached_blocks: int = field(init=False, default=0)
     # n > 1: the other sequences of the same user request, waiting to fork this one's prompt.
     fork_siblings: list[Request] = field(init=False, default_factory=list)

@@ -12,23 +12,38 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from miaotui.request import Request
 
 
-def hash_block(parent: int | None, tokens: tuple[int, ...], salt: str | None) -> int:
-    """Chained block hash: equal hashes mean equal token prefixes (up to 64-bit collisions)."""
-    return hash((parent, tokens, salt))
+def hash_block(parent: bytes | None, tokens: tuple[int, ...], salt: str | None) -> bytes:
+    """Chained block key: BLAKE2b over the previous block's key, the salt and this block's tokens.
+
+    A cryptographic hash, so equal keys mean equal salted prefixes: no client can craft a prompt
+    whose blocks take another's K/V (Python's 64-bit `hash()` of a tuple, used before, can be
+    made to collide). Each part is framed (presence byte, length) so no two inputs concatenate
+    to the same bytes."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(b"\x00" if parent is None else b"\x01" + parent)
+    if salt is None:
+        h.update(b"\x00")
+    else:
+        encoded = salt.encode("utf-8", "surrogatepass")
+        h.update(b"\x01" + len(encoded).to_bytes(8, "little") + encoded)
+    h.update(array("q", tokens).tobytes())  # fixed width: token ids are < 2**63
+    return h.digest()
 
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block key -> block id
 
     @property
     def num_free(self) -> int:
@@ -68,7 +83,7 @@ class BlockPool:
             if self.ref_counts[b] == 0:
                 self.free[b] = None
 
-    def register(self, block: int, h: int) -> None:
+    def register(self, block: int, h: bytes) -> None:
         if self.block_hash[block] is None:
             self.block_hash[block] = h
             self.cached.setdefault(h, block)
@@ -92,7 +107,7 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_hashes(self, request: Request, num_full: int) -> list[int]:
+    def _block_hashes(self, request: Request, num_full: int) -> list[bytes]:
         """Hashes of the request's first `num_full` full blocks (extended lazily, kept on it)."""
         hashes = request.block_hashes
         bs = self.block_size
