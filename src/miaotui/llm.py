@@ -119,11 +119,20 @@ class LLM:
                 engine.abort_request(rid)
             raise
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
-                  delay=1.0, leave=False) as bar:
-            while len(results) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+        own = set(ids)  # the engine may hold other callers' requests: count only these
+        try:
+            with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
+                      delay=1.0, leave=False) as bar:
+                while len(results) < len(ids):
+                    for out in engine.step():
+                        if out.finished and out.request_id in own:
+                            results[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            # An error or Ctrl-C inside a step: none of this call's requests may stay queued or
+            # running with their KV blocks, or the next call would see their outputs.
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
         return [results[rid] for rid in ids]
