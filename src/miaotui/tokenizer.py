@@ -149,7 +149,14 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generati
         raise ValueError("messages: must be a list of {'role': ..., 'content': ...} dicts")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a plain prompt")
-    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        # The template refused these messages (its raise_exception(...), e.g. "roles must
+        # alternate") or is malformed: the caller's input, so a ValueError (a 400 on the server).
+        raise ValueError(f"the chat template rejected the messages: {exc}") from exc
     # The template already wrote any BOS it wants; do not let the tokenizer add a second one.
     return tokenizer.encode(text, add_special_tokens=False)
