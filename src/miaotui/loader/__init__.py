@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,17 @@ class ModelSource:
     is_gguf: bool
 
 
+def _source_at(path: Path, folder_is_its_own: Callable[[], bool]) -> ModelSource:
+    """An existing path as a source: a file is a GGUF; a folder is read as it is, unless it lacks
+    its own files (`folder_is_its_own`) and holds exactly one .gguf file, which is then the source."""
+    if path.is_file():
+        return ModelSource(path, is_gguf=True)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not folder_is_its_own() and len(ggufs) == 1:
+        return ModelSource(ggufs[0], is_gguf=True)
+    return ModelSource(path, is_gguf=False)
+
+
 def resolve_model(model: str | None) -> ModelSource:
     """None -> MIAOTUI_MODEL or the embedded default; then check the path exists and is usable."""
     ref = model or env_default_model() or embedded_model_path()
@@ -42,12 +53,7 @@ def resolve_model(model: str | None) -> ModelSource:
             f"model path not found: {ref} (give a Hugging Face model folder or a .gguf file; "
             f"models are never downloaded)"
         )
-    if path.is_file():
-        return ModelSource(path, is_gguf=True)
-    ggufs = sorted(path.glob("*.gguf"))
-    if not (path / "config.json").is_file() and len(ggufs) == 1:
-        return ModelSource(ggufs[0], is_gguf=True)
-    return ModelSource(path, is_gguf=False)
+    return _source_at(path, folder_is_its_own=lambda: (path / "config.json").is_file())
 
 
 def resolve_tokenizer(tokenizer: str) -> ModelSource:
@@ -58,12 +64,7 @@ def resolve_tokenizer(tokenizer: str) -> ModelSource:
             f"tokenizer path not found: {tokenizer} (give a tokenizer or model folder or a .gguf file, or "
             f"--skip-tokenizer-init to run on token ids)"
         )
-    if path.is_file():
-        return ModelSource(path, is_gguf=True)
-    ggufs = sorted(path.glob("*.gguf"))
-    if not tokenizer_files(path) and len(ggufs) == 1:
-        return ModelSource(ggufs[0], is_gguf=True)
-    return ModelSource(path, is_gguf=False)
+    return _source_at(path, folder_is_its_own=lambda: bool(tokenizer_files(path)))
 
 
 def tokenizer_source(config: ModelConfig, model: ModelSource | None) -> ModelSource | None:
