@@ -18,6 +18,13 @@ def token_label(tid: int, lp: Logprob | None, as_ids: bool) -> str | None:
     return lp.decoded_token if lp is not None else None
 
 
+def _ranked(entry: dict[int, Logprob] | None, top: int | None = None) -> list[tuple[int, Logprob]]:
+    """An entry's ranked alternatives (rank 1 first), those within `top` when given; the sampled
+    token, when outside them, has rank None and is left out."""
+    return sorted(((t, lp) for t, lp in (entry or {}).items()
+                   if lp.rank is not None and (top is None or lp.rank <= top)), key=lambda item: item[1].rank)
+
+
 def completion_logprobs(state: ServerState, tokens: list[tuple[int, dict[int, Logprob] | None]],
                         text_offset: int, top: int, as_ids: bool = False) -> dict:
     """OpenAI's logprobs of (token id, its entry) pairs; an entry of None (the first prompt token,
@@ -32,9 +39,7 @@ def completion_logprobs(state: ServerState, tokens: list[tuple[int, dict[int, Lo
         text = chosen.decoded_token if chosen is not None else state.decode_token(tid)
         pieces.append(f"token_id:{tid}" if as_ids else text)
         token_lps.append(chosen.logprob if chosen is not None else None)
-        ranked = sorted(((t, lp) for t, lp in (entry or {}).items() if lp.rank is not None and lp.rank <= top),
-                        key=lambda item: item[1].rank)
-        tops.append({token_label(t, lp, as_ids): lp.logprob for t, lp in ranked} or None)
+        tops.append({token_label(t, lp, as_ids): lp.logprob for t, lp in _ranked(entry, top)} or None)
         offsets.append(offset)
         offset += len(text or "")
     return {"tokens": pieces, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -64,7 +69,6 @@ def chat_logprobs(out: CompletionOutput, start: int, as_ids: bool = False) -> di
             "bytes": list((chosen.decoded_token or "").encode()),
             "top_logprobs": [{"token": token_label(t, lp, as_ids), "logprob": lp.logprob,
                               "bytes": list((lp.decoded_token or "").encode())}
-                             for t, lp in sorted(((t, v) for t, v in entry.items() if v.rank is not None),
-                                                 key=lambda item: item[1].rank)],
+                             for t, lp in _ranked(entry)],
         })
     return {"content": content}
