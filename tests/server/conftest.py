@@ -131,6 +131,19 @@ def tiny_app(tiny_server_model, **server_options):
     return build_app(ServerConfig(**server_options), factory)
 
 
+def openai_over(client):
+    """The official openai client talking to an in-process TestClient app."""
+    import openai
+
+    return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oai(client):
+    """`openai_over` the test module's own `client` fixture."""
+    return openai_over(client)
+
+
 @contextmanager
 def tiny_client(tiny_server_model, **server_options):
     """TestClient on a tiny-model app, entered (lifespan run) and waited until healthy."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 
-import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import make_tiny_checkpoint
+from tests.server.conftest import openai_over
 
 
 def _serve_tiny(arch: str, tmp_path_factory, embedded_tokenizer):
@@ -55,7 +55,7 @@ def test_openai_client_completions_on_tiny_gpt2(gpt2_client):
     import torch
 
     client, hf_model = gpt2_client
-    oai = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
+    oai = openai_over(client)
     model = oai.models.list().data[0].id
     prompt = [5, 17, 300, 41, 9]
     resp = oai.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
@@ -86,7 +86,7 @@ def test_openai_client_completions_on_tiny_t5(t5_client):
     import torch
 
     client, hf_model = t5_client
-    oai = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
+    oai = openai_over(client)
     model = oai.models.list().data[0].id
     prompt = "summarize: The quick brown fox jumps over the lazy dog."
     ids = client.post("/tokenize", json={"prompt": prompt}).json()["tokens"]

@@ -25,11 +25,6 @@ def client(tiny_server_model):
 
 
 @pytest.fixture(scope="module")
-def oai(client):
-    return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def model(oai):
     return oai.models.list().data[0].id
 

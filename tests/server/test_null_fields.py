@@ -4,7 +4,6 @@ were left out (SDKs send null for what a caller leaves unset); a wrong non-null 
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 from tests.server.conftest import tiny_client
@@ -20,11 +19,6 @@ CHAT = COMMON + ["logprobs", "top_logprobs", "max_tokens", "max_completion_token
 def client(tiny_server_model):
     with tiny_client(tiny_server_model) as c:
         yield c
-
-
-@pytest.fixture()
-def oai(client):
-    return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
 
 
 def test_every_null_completion_field_is_its_default(client):

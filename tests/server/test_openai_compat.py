@@ -26,12 +26,6 @@ def client(tiny_server_model):
         yield c
 
 
-@pytest.fixture(scope="module")
-def oai(client):
-    return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client,
-                         max_retries=0)
-
-
 @pytest.fixture
 def gated_engine(client):
     """The engine's steps wait until `gate` is set; `steps_done` counts those that returned."""

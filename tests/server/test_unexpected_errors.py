@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import tiny_client
+from tests.server.conftest import openai_over, tiny_client
 from tests.server.test_http_errors import assert_error
 
 SECRET = "simulated bug 7f3a"
@@ -69,7 +69,7 @@ def test_stream_error_is_in_band_and_counted_as_error(client, failing_engine, ca
 
 
 def test_the_openai_client_sees_the_stream_error(client, failing_engine):
-    oai = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
+    oai = openai_over(client)
     stream = oai.completions.create(model=client.get("/v1/models").json()["data"][0]["id"], prompt="Hi",
                                     max_tokens=8, stream=True, extra_body={"ignore_eos": True})
     with pytest.raises(openai.APIError) as info:

@@ -52,11 +52,6 @@ def client(tokenizer_free_model):
         yield c
 
 
-@pytest.fixture()
-def oai(client):
-    return openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client, max_retries=0)
-
-
 def _model(client) -> str:
     return client.get("/v1/models").json()["data"][0]["id"]
 
