@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from miaotui import __version__
-from miaotui.engine_args import add_model_args, load_chat_template, model_and_cache_configs
+from miaotui.engine_args import add_chat_template_arg, add_model_args, load_chat_template, model_and_cache_configs
 from miaotui.errors import MiaotuiError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -58,9 +58,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="in [-2, 2]: subtracted once from every token already generated")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="in [-2, 2]: subtracted per occurrence of a token already generated")
+
+
+def _add_conversation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (with the chat template)")
-    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
-                   help="a Jinja chat template (a file, or the template itself) instead of the model's")
+    add_chat_template_arg(p, "instead of the model's")
 
 
 def _sampling_params(args: argparse.Namespace) -> Any:
@@ -215,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="plain completion: send the prompt as it is, without the chat template")
     add_model_args(gen)
     _add_sampling_args(gen)
+    _add_conversation_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", formatter_class=_Formatter,
                           help="interactive chat in the terminal (model's chat template)",
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       + CHAT_HELP)
     add_model_args(chat)
     _add_sampling_args(chat)
+    _add_conversation_args(chat)
     chat.set_defaults(func=cmd_chat)
     from miaotui.server.serve import add_serve_args, cmd_serve
 

@@ -55,6 +55,12 @@ def model_and_cache_configs(args: argparse.Namespace) -> tuple[ModelConfig, Cach
             CacheConfig(kv_cache_memory_gib=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype))
 
 
+def add_chat_template_arg(p: argparse.ArgumentParser, used_for: str) -> None:
+    """--chat-template, read by `load_chat_template`; `used_for` ends its help."""
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help=f"a Jinja chat template (a file, or the template itself) {used_for}")
+
+
 def load_chat_template(value: str | None) -> str | None:
     """--chat-template: a file holding a Jinja template, or the template itself (as vLLM takes
     it). Anything else is an error that names the path, before the model loads."""

@@ -20,6 +20,7 @@ import signal
 import socket
 
 from miaotui.config import SchedulerConfig, ServerConfig
+from miaotui.engine_args import add_chat_template_arg
 
 logger = logging.getLogger("miaotui.server")
 
@@ -60,9 +61,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("MIAOTUI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MIAOTUI_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: file name)")
-    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
-                   help="a Jinja chat template (a file, or the template itself) for requests that send "
-                        "none (default: the model's)")
+    add_chat_template_arg(p, "for requests that send none (default: the model's)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the draws of requests without their own seed: a whole run reproducible "
                         "(default: fresh randomness every start)")
