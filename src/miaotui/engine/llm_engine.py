@@ -303,7 +303,7 @@ class LLMEngine:
 
         def piece(tid: int) -> str | None:
             if tid not in pieces:
-                pieces[tid] = None if self.tokenizer is None else self.tokenizer.decode([tid])
+                pieces[tid] = self.decode_token(tid)
             return pieces[tid]
 
         built: list[dict[int, Logprob] | None] = [None]
