@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.errors import MiaotuiError
 from miaotui.kernels.cpu_build import cpu_op
 
 if TYPE_CHECKING:
@@ -74,10 +75,34 @@ class AttentionMetadata:
     query_start_loc_list: list[int]
     decode: DecodeBatch | None = None  # set by build_decode_batch for the batched backend
     cross: CrossAttentionBatch | None = None  # encoder-decoder models: the encoder K/V of each sequence
+    blocks_checked: bool = False  # block_tables checked against the cache size (check_block_tables)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_list)
+
+
+class BlockTableError(MiaotuiError, IndexError):
+    """A block table names a block the KV cache does not have."""
+
+
+def check_block_tables(block_tables: torch.Tensor, num_blocks: int) -> None:
+    """Raise BlockTableError unless every entry of block_tables is in [0, num_blocks).
+
+    Attention gathers (and the CPU/Triton kernels read) whole blocks by these ids without a
+    bounds check of their own, so a bad id reads memory outside the cache. One min/max over
+    the table (one host sync on a GPU): it runs once per step, never per layer."""
+    if block_tables.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(block_tables)).tolist()
+    if 0 <= low and high < num_blocks:
+        return
+    bad = low if low < 0 else high
+    row = int((block_tables == bad).any(dim=1).nonzero()[0, 0])
+    raise BlockTableError(
+        f"block table of sequence {row} in the batch names block {bad}, but the KV cache has "
+        f"{num_blocks} blocks (ids 0..{num_blocks - 1}); the block tables and the cache the runner "
+        "allocated disagree, which is a bug in the scheduler or the runner")
 
 
 def write_kv_cache(
@@ -175,6 +200,11 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache is not bound; the model runner binds it before the first step")
+        if not meta.blocks_checked and not torch.compiler.is_compiling():
+            # Once per step (the first layer): later layers share the step's metadata. Skipped
+            # inside a compiled graph, whose steps the runner checks in build_decode_batch.
+            check_block_tables(meta.block_tables, self.k_cache.shape[0])
+            meta.blocks_checked = True
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -198,8 +228,13 @@ class PagedAttention(nn.Module):
         return self.backend == "auto" and q.is_cuda and _triton_installed()
 
 
-def build_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch:
-    """Precompute the decode gather of a step (once, not per layer)."""
+def build_decode_batch(meta: AttentionMetadata, block_size: int, num_blocks: int | None = None) -> DecodeBatch:
+    """Precompute the decode gather of a step (once, not per layer). With `num_blocks` (the
+    cache size) the step's block tables are checked here too (`check_block_tables`), which
+    covers the paths that bypass PagedAttention.forward (the CPU decode stack, compiled decode)."""
+    if num_blocks is not None:
+        check_block_tables(meta.block_tables, num_blocks)
+        meta.blocks_checked = True
     starts = meta.query_start_loc_list
     q_lens = [starts[i + 1] - starts[i] for i in range(meta.num_seqs)]
     decode = [i for i, n in enumerate(q_lens) if n == 1]
