@@ -3,9 +3,13 @@ cpu_attention.cpp, cpu_elementwise.cpp, cpu_decode_stack.cpp) as torch ops.
 
 The sources are compiled once per machine with the system C++ compiler against the installed
 torch (10-30 s) and cached under ~/.cache/miaotui/kernels (or $MIAOTUI_CACHE_DIR/kernels), keyed by
-the source, torch's version and the flags; later processes only load the cached library. Where
-the kernels cannot run (not x86 with AVX2/FMA/F16C, no compiler, a failed build, or
-MIAOTUI_CPU_KERNELS=0) `cpu_kernels_available()` is False and callers keep torch's own kernels.
+the sources, the compiler, the flags and the torch build they link against (version, C++ ABI,
+install folder) and the Python version; later processes only load the cached library. A failed
+build (compiler error, or no result within _BUILD_TIMEOUT_S) leaves a marker file with the same
+key and the compiler's error, so later starts (other ranks, other replicas) fall back at once
+instead of failing the same build again; deleting the marker retries. Where the kernels cannot
+run (not x86 with AVX2/FMA/F16C, no compiler, a failed build, or MIAOTUI_CPU_KERNELS=0)
+`cpu_kernels_available()` is False and callers keep torch's own kernels.
 The loader loads them for CPU models before building one (`load_for_device`); layers then bind
 ops with `cpu_op`.
 """
@@ -35,6 +39,13 @@ _HEADERS = (_HERE / "cpu_simd.h", _HERE / "cpu_ops.h", _HERE / "cpu_q4.h")
 _ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
 _LIBS = ("-lc10", "-ltorch_cpu", "-ltorch")
+# Generous: a build takes 10-30 s; a compiler that has not finished after this is stuck
+# (or the machine is swapping), and the build counts as failed.
+_BUILD_TIMEOUT_S = 600.0
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler failed or did not finish: the build is marked failed (`_failure_marker`)."""
 
 
 def _cpu_has_flags() -> bool:
@@ -69,12 +80,57 @@ def _commands(compiler: str, objects: list[Path], output: Path) -> tuple[list[li
     return compiles, link
 
 
+def _torch_build() -> str:
+    """What a built library depends on in the torch it links against: two installs of one
+    version can differ in C++ ABI (the std::string layout of every op signature) or location
+    (the libraries found at link time), and a library built for one crashes or fails to load
+    in the other."""
+    return f"{torch.__version__}|abi={int(torch.compiled_with_cxx11_abi())}|{Path(torch.__file__).parent}"
+
+
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     for path in (*_SOURCES, *_HEADERS):
         key.update(path.read_bytes())
-    key.update(f"{torch.__version__}|{sys.version}|{compiler}|{_ARCH_FLAGS}".encode())
+    key.update(f"{_torch_build()}|{sys.version}|{compiler}|{_ARCH_FLAGS}".encode())
     return _cache_dir() / f"miaotui_cpu_{key.hexdigest()[:16]}.so"
+
+
+def _failure_marker(target: Path) -> Path:
+    """The marker of a failed build of `target`: same key, so a new torch, compiler or source
+    tries again by itself."""
+    return target.with_suffix(".failed")
+
+
+def _record_failure(target: Path, error: str) -> None:
+    marker = _failure_marker(target)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed: a concurrent start never reads half a marker.
+        partial = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        partial.write_text(error)
+        os.replace(partial, marker)
+    except OSError as exc:  # a read-only cache only costs the retry on the next start
+        logger.info("could not record the failed CPU kernel build in %s: %s", marker, exc)
+
+
+def _run_all(commands: list[list[str]], deadline: float) -> str | None:
+    """Run the commands side by side; the stderr of the first that failed, or None. A command
+    still running at `deadline` (time.monotonic) is killed and raises KernelBuildError."""
+    running = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for cmd in commands]
+    try:
+        errors = [proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[1] for proc in running]
+    except subprocess.TimeoutExpired:
+        raise KernelBuildError(
+            f"{commands[0][0]} did not finish within {_BUILD_TIMEOUT_S:.0f} s (stuck compiler, or a machine "
+            "out of memory?)") from None
+    finally:
+        for proc in running:  # no compiler outlives the build, however it ended
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return next((err for proc, err in zip(running, errors) if proc.returncode != 0), None)
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -86,16 +142,13 @@ def _build(compiler: str, target: Path) -> None:
         objects = [Path(tmp) / f"{source.stem}.o" for source in _SOURCES]
         partial = Path(tmp) / target.name
         compiles, link = _commands(compiler, objects, partial)
+        deadline = time.monotonic() + _BUILD_TIMEOUT_S  # one limit for the whole build
         # The sources compile side by side (each mostly parses torch's headers), then link.
-        running = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                   for cmd in compiles]
-        errors = [proc.communicate()[1] for proc in running]
-        failed = [err for proc, err in zip(running, errors) if proc.returncode != 0]
-        if not failed:
-            done = subprocess.run(link, capture_output=True, text=True)
-            failed = [done.stderr] if done.returncode != 0 else []
-        if failed:
-            raise RuntimeError(f"{compiler} failed:\n{failed[0][-2000:]}")
+        failed = _run_all(compiles, deadline)
+        if failed is None:
+            failed = _run_all([link], deadline)
+        if failed is not None:
+            raise KernelBuildError(f"{compiler} failed:\n{failed[-2000:]}")
         os.replace(partial, target)
     logger.info("built miaotui's CPU kernels in %.1f s: %s", time.perf_counter() - start, target)
 
@@ -158,9 +211,18 @@ def cpu_kernels_available() -> bool:
         logger.warning("CPU kernels off: no C++ compiler found (set CXX); torch's slower int4 kernel is used")
         return False
     target = _library_path(compiler)
+    marker = _failure_marker(target)
+    if not target.exists() and marker.exists():
+        logger.warning("CPU kernels off: an earlier build with this compiler and torch failed (its error is in "
+                       "%s; delete that file to retry the build); torch's slower int4 kernel is used", marker)
+        return False
     try:
         if not target.exists():
-            _build(compiler, target)
+            try:
+                _build(compiler, target)
+            except KernelBuildError as exc:  # not OSError: a full disk or a missing compiler is retried
+                _record_failure(target, str(exc))
+                raise
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError) as exc:
         logger.warning("CPU kernels off: %s; torch's slower int4 kernel is used", exc)
