@@ -80,6 +80,9 @@ class Request:
     fork_siblings: list[Request] = field(init=False, default_factory=list)
     status: RequestStatus = field(init=False, default=RequestStatus.WAITING)
     stop_reason: int | str | None = field(init=False, default=None)
+    # logit_bias as (token ids, biases) on the sampler's device, built on first use and reused
+    # every step (the sampler's cache; it dies with the request).
+    logit_bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -131,7 +134,7 @@ class Request:
             if not params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return
-            if params.stop_token_ids and last in params.stop_token_ids:
+            if last in params.stop_token_id_set:
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return

@@ -51,6 +51,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     prompt_logprobs: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, default=())
+    # stop_token_ids as a set, built once: the engine tests every sampled token against it.
+    stop_token_id_set: frozenset[int] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -83,6 +85,7 @@ class SamplingParams:
             if not all(_is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"stop_token_ids: must be non-negative integers, got {ids!r}")
             self.stop_token_ids = ids
+            self.stop_token_id_set = frozenset(ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:

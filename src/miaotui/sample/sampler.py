@@ -54,6 +54,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def build_logit_bias(logit_bias: dict[int, float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, biases) for index_add into a logits row `like` (its device and dtype)."""
+    ids = torch.tensor(list(logit_bias), dtype=torch.long, device=like.device)
+    return ids, torch.tensor(list(logit_bias.values()), dtype=like.dtype, device=like.device)
+
+
+def logit_bias_tensors(request: Request, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The request's logit_bias tensors, built once per request instead of once per step."""
+    cached = request.logit_bias_tensors
+    if cached is None or cached[1].device != row.device or cached[1].dtype != row.dtype:
+        cached = request.logit_bias_tensors = build_logit_bias(request.sampling_params.logit_bias, row)
+    return cached
+
+
 class Sampler:
     def __init__(self, seed: int | None, device: torch.device) -> None:
         # Draws for unseeded requests; seeded ones carry their own generator. seed=None (the
@@ -88,9 +102,7 @@ class Sampler:
             if params.logit_bias:
                 # OpenAI semantics: added to the logits before any other processing; the
                 # returned logprobs stay those of the raw model.
-                ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=row.device)
-                bias = torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device)
-                row = row.index_add(0, ids, bias)
+                row = row.index_add(0, *logit_bias_tensors(request, row))
             if params.uses_penalties:
                 row = apply_penalties(row.clone(), request.token_ids, request.output_token_ids,
                                       params.repetition_penalty, params.presence_penalty,
