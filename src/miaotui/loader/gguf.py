@@ -10,6 +10,7 @@ For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpo
 
 from __future__ import annotations
 
+import numbers
 import re
 import struct
 from collections.abc import Iterator
@@ -198,6 +199,14 @@ def check_quant_types(reader: Any, path: Path) -> None:
         )
 
 
+def _check_positive(path: Path, key: str, value: Any) -> None:
+    """Sizes the model divides by or builds from (head_dim = embedding_length / head_count, heads
+    per KV head, layers) must be positive integers; a broken converter writes 0 or a list."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ModelLoadError(f"{path}: GGUF metadata {key} = {value!r}, but it must be an integer >= 1; the file "
+                             "is corrupt or was written by a broken converter (re-convert or re-download it)")
+
+
 def gguf_hf_config(reader: Any, path: Path) -> Any:
     """Build the config the GGUF metadata describes: transformers' for GPT-2 and BLOOM, our own
     light one for the Llama family (loader/gguf_config.py: it keeps cold starts short)."""
@@ -211,6 +220,10 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
     hidden = meta("embedding_length")
     if heads is None or hidden is None or meta("block_count") is None:
         raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.block_count/embedding_length/head_count")
+    sizes = {"block_count": meta("block_count"), "embedding_length": hidden, "attention.head_count": heads,
+             "attention.head_count_kv": meta("attention.head_count_kv", heads)}
+    for key, value in sizes.items():
+        _check_positive(path, f"{arch}.{key}", value)
     head_dim = meta("rope.dimension_count") or meta("attention.key_length") or hidden // heads
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
