@@ -2,13 +2,16 @@
 
 Building a tokenizer from GGUF metadata takes seconds (transformers converts the whole vocab
 and merges in Python), so the converted tokenizer is saved once under the cache directory,
-keyed by the file's path, size and mtime, and later loads read that folder instead.
+keyed by the file's path, size and mtime, and later loads read that folder instead. A cached
+entry that fails to load (a truncated or hand-edited tokenizer.json) is deleted, rebuilt from
+the GGUF file and saved again, with one warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +31,8 @@ from miaotui.tokenizer_core import load_core, save_core
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
                    "vocab.txt", "*.tiktoken")
 NO_TOKENIZER_HINT = "pass --tokenizer PATH or --skip-tokenizer-init"
+
+logger = logging.getLogger("miaotui")
 
 
 def tokenizer_files(folder: Path) -> list[str]:
@@ -80,32 +85,29 @@ def _convert_gguf_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def _full_gguf_tokenizer(path: Path, cached: Path) -> Any:
-    """The transformers tokenizer behind a core: from the cache, else (the cache was removed or
-    damaged since) converted from the GGUF file again."""
+def _load_cached_or_discard(path: Path, cached: Path) -> Any | None:
+    """The cached tokenizer, or None after deleting a damaged entry (logged) for a rebuild."""
     try:
         return _load_cached(cached)
-    except (OSError, ValueError, KeyError):
-        return _convert_gguf_tokenizer(path)
+    except ImportError:
+        raise  # transformers itself is missing or broken: the entry is not at fault
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in json (ValueError), transformers
+        # (KeyError, TypeError, OSError) or tokenizers (a plain Exception), whichever reads it first
+        logger.warning("the cached tokenizer of %s in %s does not load (%s: %s); rebuilding it from the GGUF file",
+                       path.name, cached, type(exc).__name__, exc)
+        shutil.rmtree(cached, ignore_errors=True)
+        return None
 
 
-def _load_gguf_tokenizer(path: Path) -> Any:
-    """The cached tokenizer: its Rust core alone when the cache has one for this transformers
-    (tokenizer_core.py; no transformers import on the way to the first token), else through
-    transformers, which then writes the core for next time."""
-    cached = _gguf_cache_folder(path)
-    if (cached / "tokenizer_config.json").is_file():
-        core = load_core(cached, lambda: _full_gguf_tokenizer(path, cached))
-        if core is not None:
-            return core
-        try:
-            tokenizer = _load_cached(cached)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
-        else:
-            if _is_plain_fast(cached):
-                save_core(cached, tokenizer)
-            return tokenizer
+def _full_gguf_tokenizer(path: Path, cached: Path) -> Any:
+    """The transformers tokenizer behind a core: from the cache, else (the cache was removed or
+    damaged since) rebuilt from the GGUF file and saved again."""
+    tokenizer = _load_cached_or_discard(path, cached)
+    return tokenizer if tokenizer is not None else _rebuild_gguf_tokenizer(path, cached)
+
+
+def _rebuild_gguf_tokenizer(path: Path, cached: Path) -> Any:
+    """Convert the GGUF file's tokenizer and save it (with its core) as the cache entry `cached`."""
     tokenizer = _convert_gguf_tokenizer(path)
     tmp = None
     try:
@@ -122,6 +124,23 @@ def _load_gguf_tokenizer(path: Path) -> Any:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
     return tokenizer
+
+
+def _load_gguf_tokenizer(path: Path) -> Any:
+    """The cached tokenizer: its Rust core alone when the cache has one for this transformers
+    (tokenizer_core.py; no transformers import on the way to the first token), else through
+    transformers, which then writes the core for next time."""
+    cached = _gguf_cache_folder(path)
+    if (cached / "tokenizer_config.json").is_file():
+        core = load_core(cached, lambda: _full_gguf_tokenizer(path, cached))
+        if core is not None:
+            return core
+        tokenizer = _load_cached_or_discard(path, cached)
+        if tokenizer is not None:
+            if _is_plain_fast(cached):
+                save_core(cached, tokenizer)
+            return tokenizer
+    return _rebuild_gguf_tokenizer(path, cached)
 
 
 def load_tokenizer(path: str, is_gguf: bool) -> Any:
