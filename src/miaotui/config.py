@@ -163,6 +163,12 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     graceful_shutdown_s: float = 30.0
     chat_template: str | None = None  # Jinja text for requests that send none (None: the model's)
+    # A request's own chat_template is code the server runs: refused (400) unless the operator trusts them.
+    trust_request_chat_template: bool = False
+    # Limits of every chat template render (server/template_worker.py): seconds, and output characters
+    # (None: max(1 MiB, 16 x the context length)).
+    chat_template_timeout_s: float = 5.0
+    chat_template_max_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -173,3 +179,10 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key: must not be empty")
+        if not isinstance(self.trust_request_chat_template, bool):
+            raise ValueError(f"trust_request_chat_template: must be true or false, got "
+                             f"{self.trust_request_chat_template!r}")
+        if not self.chat_template_timeout_s > 0:
+            raise ValueError(f"chat_template_timeout_s: must be > 0, got {self.chat_template_timeout_s}")
+        if self.chat_template_max_chars is not None and self.chat_template_max_chars < 1:
+            raise ValueError(f"chat_template_max_chars: must be >= 1, got {self.chat_template_max_chars}")

@@ -161,13 +161,15 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Application builder for Serve config files (`import_path: miaotui.ray_serve:app_builder`,
     e.g. in a KubeRay RayService). `args`: model (required), tokenizer, skip_tokenizer_init, dtype,
     max_model_len, quantization, kv_cache_memory_gib, max_num_seqs, max_num_batched_tokens,
-    api_key, served_model_name, chat_template (a file or the template), seed, num_replicas,
+    api_key, served_model_name, chat_template (a file or the template), trust_request_chat_template,
+    chat_template_timeout, chat_template_max_chars, seed, num_replicas,
     cpus_per_replica, max_queued_requests. Unknown keys
     are an error, so a typo never silently falls back to a default. The configs travel to each
     replica whole (the deployment's init args), so what a config holds every replica gets."""
     known = {"model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "quantization",
              "kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "api_key", "served_model_name",
-             "chat_template", "seed", "num_replicas", "cpus_per_replica", "max_queued_requests"}
+             "chat_template", "seed", "num_replicas", "cpus_per_replica", "max_queued_requests",
+             "trust_request_chat_template", "chat_template_timeout", "chat_template_max_chars"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"miaotui app_builder: unknown args {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -182,7 +184,10 @@ def app_builder(args: dict[str, Any]) -> Any:
     scheduler_config = SchedulerConfig(max_num_seqs=int(args.get("max_num_seqs", 64)),
                                        max_num_batched_tokens=int(args.get("max_num_batched_tokens", 2048)))
     server_config = ServerConfig(api_key=args.get("api_key"), served_model_name=args.get("served_model_name"),
-                                 chat_template=load_chat_template(args.get("chat_template")))
+                                 chat_template=load_chat_template(args.get("chat_template")),
+                                 trust_request_chat_template=args.get("trust_request_chat_template", False),
+                                 chat_template_timeout_s=float(args.get("chat_template_timeout", 5.0)),
+                                 chat_template_max_chars=args.get("chat_template_max_chars"))
     return build_application(model_config, cache_config, scheduler_config, server_config,
                              num_replicas=int(args.get("num_replicas", 1)),
                              cpus_per_replica=float(args.get("cpus_per_replica", 1.0)),

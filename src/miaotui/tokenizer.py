@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from miaotui.config import cache_dir
 from miaotui.errors import ModelLoadError
-from miaotui.tokenizer_core import load_core, save_core
+from miaotui.tokenizer_core import load_core, save_core, transformers_tokenizer
 
 
 # What a transformers tokenizer is built from: a fast tokenizer's tokenizer.json, a SentencePiece
@@ -158,9 +158,7 @@ def load_tokenizer(path: str, is_gguf: bool) -> Any:
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    chat_template: str | None = None) -> list[int]:
-    """Render `messages` with the model's chat template and tokenize the result."""
+def _check_chat(tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None) -> None:
     if tokenizer is None:
         raise ValueError("messages: chat needs the model's tokenizer and chat template, and this engine runs "
                          "without a tokenizer (skip_tokenizer_init / --skip-tokenizer-init)")
@@ -168,6 +166,22 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generati
         raise ValueError("messages: must be a list of {'role': ..., 'content': ...} dicts")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a plain prompt")
+
+
+def chat_template_inputs(tokenizer: Any, messages: list[dict[str, Any]],
+                         chat_template: str | None = None) -> tuple[str, dict[str, Any]]:
+    """What `chat_prompt_ids` renders, for a renderer elsewhere (the server's worker processes):
+    the template text (`chat_template`, a template name, or the model's) and the variables
+    transformers gives it besides the messages (the special tokens: bos_token, eos_token, ...)."""
+    _check_chat(tokenizer, messages, chat_template)
+    full = transformers_tokenizer(tokenizer)
+    return full.get_chat_template(chat_template), dict(full.special_tokens_map)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> list[int]:
+    """Render `messages` with the model's chat template and tokenize the result."""
+    _check_chat(tokenizer, messages, chat_template)
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
     try:

@@ -14,8 +14,9 @@ MALFORMED = "{% for m in messages %}{{ m['content'] }}"  # no endfor
 
 @pytest.fixture(scope="module")
 def client(tiny_server_model):
-    # The server's own template (as --chat-template sets it) refuses conversations without a system prompt.
-    with tiny_client(tiny_server_model, chat_template=STRICT) as c:
+    # The server's own template (as --chat-template sets it) refuses conversations without a system prompt;
+    # requests may send their own (as with --trust-request-chat-template).
+    with tiny_client(tiny_server_model, chat_template=STRICT, trust_request_chat_template=True) as c:
         yield c
 
 

@@ -62,6 +62,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $MIAOTUI_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: file name)")
     add_chat_template_arg(p, "for requests that send none (default: the model's)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render the chat_template a request sends (a template is code the server runs; "
+                        "without this flag such a request gets 400)")
+    p.add_argument("--chat-template-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time limit of one chat template render (400 beyond; the render is stopped)")
+    p.add_argument("--chat-template-max-chars", type=int, default=None, metavar="N",
+                   help="largest text a chat template may render, in characters (400 beyond; "
+                        "default: max(1 MiB, 16 x the context length))")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the draws of requests without their own seed: a whole run reproducible "
                         "(default: fresh randomness every start)")
@@ -125,7 +133,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_queued_requests=args.max_queued_requests,
                                  max_body_bytes=args.max_body_bytes,
                                  graceful_shutdown_s=args.graceful_shutdown,
-                                 chat_template=load_chat_template(args.chat_template))
+                                 chat_template=load_chat_template(args.chat_template),
+                                 trust_request_chat_template=args.trust_request_chat_template,
+                                 chat_template_timeout_s=args.chat_template_timeout,
+                                 chat_template_max_chars=args.chat_template_max_chars)
     model_config, cache_config = model_and_cache_configs(args)
     model_config = dataclasses.replace(model_config, seed=args.seed)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,

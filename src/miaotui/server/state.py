@@ -13,7 +13,8 @@ from miaotui.engine.async_engine import AsyncLLMEngine
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError
 from miaotui.server.metrics import ServerMetrics
-from miaotui.tokenizer import chat_prompt_ids
+from miaotui.server.template_worker import ChatTemplateRenderer, RenderLimitError
+from miaotui.tokenizer import chat_template_inputs
 from miaotui.tokenizer_core import CoreTokenizer, transformers_tokenizer
 
 logger = logging.getLogger("miaotui.server")
@@ -38,6 +39,7 @@ class ServerState:
         self.in_flight = 0
         self.metrics = ServerMetrics(self._stats)
         self.draining = False
+        self.renderer = ChatTemplateRenderer()  # chat templates render in its worker processes
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
@@ -56,15 +58,21 @@ class ServerState:
             # Chat templates need the transformers tokenizer: load it now, in the background,
             # rather than in the first chat request (which meanwhile waits for it, if it comes).
             try:
-                transformers_tokenizer(self.tokenizer)
+                full = transformers_tokenizer(self.tokenizer)
             except Exception as exc:  # noqa: BLE001 - plain prompts still work; a chat request reports it
                 logger.warning("loading the chat template's tokenizer failed: %s", exc)
+                return
+            # Likewise a render worker (it imports transformers in its own process), where chat can happen.
+            if getattr(full, "chat_template", None) or self.config.chat_template \
+                    or self.config.trust_request_chat_template:
+                self.renderer.prestart()
 
         thread = threading.Thread(target=load, name="miaotui-load", daemon=True)
         thread.start()
         return thread
 
     def shutdown(self) -> None:
+        self.renderer.shutdown()
         if self.engine is not None:
             self.engine.shutdown()
 
@@ -79,17 +87,39 @@ class ServerState:
 
     async def chat_prompt_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                               chat_template: str | None = None) -> list[int]:
-        """`tokenizer.chat_prompt_ids` on the engine's tokenizer. While its transformers tokenizer
-        is still loading (tokenizer_core.py), in a worker thread: the event loop must not wait
-        for it. A tokenizer that failed to load is a 503 that says why."""
+        """`messages` rendered with the request's chat template (only with
+        --trust-request-chat-template), else --chat-template, else the model's, and tokenized as
+        `tokenizer.chat_prompt_ids` does. The render runs in a worker process under the server's
+        time and size limits (template_worker.py): a template never stalls the event loop.
+        While the transformers tokenizer is still loading (tokenizer_core.py), the template is
+        looked up in a thread. Past a limit: 400 naming it; no tokenizer or worker: 503."""
+        if chat_template and not self.config.trust_request_chat_template:
+            raise APIError(400, "chat_template: this server does not render chat templates sent by clients "
+                                "(a template is code the server runs); its operator can allow them with "
+                                "--trust-request-chat-template", param="chat_template")
+        param = "chat_template" if chat_template else "messages"
         tokenizer = self.tokenizer
-        args = (tokenizer, messages, add_generation_prompt, chat_template or self.config.chat_template)
+        args = (tokenizer, messages, chat_template or self.config.chat_template)
         try:
             if isinstance(tokenizer, CoreTokenizer) and tokenizer.full_pending:
-                return await asyncio.to_thread(chat_prompt_ids, *args)
-            return chat_prompt_ids(*args)
+                template, variables = await asyncio.to_thread(chat_template_inputs, *args)
+            else:
+                template, variables = chat_template_inputs(*args)
+            text = await self.renderer.render(template, messages, variables, add_generation_prompt,
+                                              self.config.chat_template_timeout_s, self.chat_template_max_chars)
+        except RenderLimitError as exc:
+            logger.warning("a chat template render was stopped: %s", exc)
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
         except RuntimeError as exc:
             raise APIError(503, f"chat templates are unavailable: {exc}") from exc
+        # The template already wrote any BOS it wants; do not let the tokenizer add a second one.
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def chat_template_max_chars(self) -> int:
+        """The output limit of a render: --chat-template-max-chars, else room for a prompt that
+        fills the context at 16 characters a token (a megabyte at least)."""
+        return self.config.chat_template_max_chars or max(2**20, 16 * self.max_model_len)
 
     @property
     def max_model_len(self) -> int:
