@@ -55,3 +55,21 @@ def test_build_decode_batch_checks_when_given_the_cache_size():
     assert meta.blocks_checked
     with pytest.raises(BlockTableError, match=f"names block 9, but the KV cache has {NUM_BLOCKS} blocks"):
         build_decode_batch(_meta([[1, 9]], [5]), BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+
+
+def test_the_runner_checks_every_step_it_builds(tiny_llama):
+    """The CPU decode stack and compiled decode skip the per-layer call: the runner's own
+    step tensors are where their block ids are checked."""
+    from miaotui import LLM
+    from miaotui.runner.model_runner import StepInputs
+
+    llm = LLM(str(tiny_llama[0]), skip_tokenizer_init=True, num_kv_blocks=8, block_size=4, max_model_len=32)
+    runner = llm.engine.runner
+    ok = StepInputs(input_ids=[1], positions=[0], slots=[0], block_tables=[[0]], seq_lens=[1],
+                    query_start=[0, 1], sample_rows=[0])
+    runner._tensors(ok)
+    bad = StepInputs(input_ids=[1], positions=[4], slots=[4], block_tables=[[0, runner.num_blocks]],
+                     seq_lens=[5], query_start=[0, 1], sample_rows=[0])
+    with pytest.raises(BlockTableError, match=f"names block {runner.num_blocks}, but the KV cache has "
+                                              f"{runner.num_blocks} blocks"):
+        runner._tensors(bad)

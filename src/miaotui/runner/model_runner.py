@@ -187,7 +187,7 @@ class ModelRunner:
             seq_lens_list=inputs.seq_lens,
             query_start_loc_list=inputs.query_start,
         )
-        meta.decode = build_decode_batch(meta, self.block_size)
+        meta.decode = build_decode_batch(meta, self.block_size, self.num_blocks)
         ids = torch.tensor(inputs.input_ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(inputs.positions, dtype=torch.int64, device=dev)
         return ids, positions, meta
