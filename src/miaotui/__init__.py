@@ -16,6 +16,7 @@ _EXPORTS = {
     "LLMEngine": "miaotui.engine.llm_engine",
     "AsyncLLMEngine": "miaotui.engine.async_engine",
     "SamplingParams": "miaotui.sampling_params",
+    "RequestOutputKind": "miaotui.sampling_params",
     "RequestOutput": "miaotui.outputs",
     "CompletionOutput": "miaotui.outputs",
     "Logprob": "miaotui.outputs",
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from miaotui.engine.llm_engine import LLMEngine
     from miaotui.llm import LLM
     from miaotui.outputs import CompletionOutput, Logprob, RequestOutput
-    from miaotui.sampling_params import SamplingParams
+    from miaotui.sampling_params import RequestOutputKind, SamplingParams
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 from miaotui.config import CacheConfig, ModelConfig, SchedulerConfig
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.outputs import RequestOutput
-from miaotui.sampling_params import BeamSearchParams, SamplingParams
+from miaotui.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from miaotui.tokenizer import chat_prompt_ids
 from miaotui.tokenizer_core import transformers_tokenizer
 
@@ -108,6 +109,7 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(items)
+        params = _final_only(params)
         engine = self.engine
         add = add or engine.add_request
         ids: list[str] = []
@@ -136,3 +138,18 @@ class LLM:
                     engine.abort_request(rid)
             raise
         return [results[rid] for rid in ids]
+
+
+def _final_only(params: list) -> list:
+    """A batch returns whole, finished outputs: ask the engine for nothing else (no per-step copies
+    of growing outputs), whatever output_kind the caller set, as vLLM's LLM does. Each distinct
+    params object is replaced once, not once per prompt."""
+    replaced: dict[int, Any] = {}
+    out = []
+    for p in params:
+        if isinstance(p, SamplingParams) and p.output_kind is not RequestOutputKind.FINAL_ONLY:
+            if id(p) not in replaced:
+                replaced[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+            p = replaced[id(p)]
+        out.append(p)
+    return out

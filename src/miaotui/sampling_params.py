@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +21,17 @@ def _is_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float (JSON allows them)
         return False
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds, as vLLM names it. CUMULATIVE: everything so far
+    (each output copies the whole completion: a caller's choice); DELTA: only what is new since
+    the previous output, for streams (each output costs its new tokens, whatever the length);
+    FINAL_ONLY: one output, when the request finishes (offline batches)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(slots=True)
@@ -50,6 +62,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     prompt_logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: tuple[str, ...] = field(init=False, default=())
     # stop_token_ids as a set, built once: the engine tests every sampled token against it.
     stop_token_id_set: frozenset[int] = field(init=False, default=frozenset())
@@ -110,6 +123,8 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias!r} for {token}")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens: must be a bool, got {self.skip_special_tokens!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind: must be a RequestOutputKind, got {self.output_kind!r}")
 
     @staticmethod
     def _validated_stop(stop: object) -> tuple[str, ...]:

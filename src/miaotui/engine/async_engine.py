@@ -9,15 +9,16 @@ request, which frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.outputs import RequestOutput
-from miaotui.sampling_params import SamplingParams
+from miaotui.sampling_params import RequestOutputKind, SamplingParams
 
 
 class EngineDeadError(RuntimeError):
@@ -26,11 +27,43 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(slots=True)
 class _Stream:
+    """One request's outputs on their way to its consumer, on the consumer's event loop.
+
+    Bounded: past `limit` waiting outputs, a new one is merged into the last (a DELTA output is
+    appended to it, any other kind replaces it), so a consumer that stops reading holds at most
+    `limit` objects and the request's own output once, never a growing queue of copies. An
+    exception is always queued: it ends the stream."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    delta: bool = False  # the request's outputs are DELTA ones (merged by appending)
+    cache_salt: str | None = None  # travels with the "add" command, for LLMEngine.add_request
+    limit: int = 64
+    items: collections.deque = field(default_factory=collections.deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From any thread. A consumer whose event loop has closed is gone: nothing to deliver."""
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, item)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _deliver(self, item: RequestOutput | BaseException) -> None:
+        items = self.items
+        if len(items) >= self.limit and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
+            if self.delta:
+                items[-1].add_delta(item)
+            else:
+                items[-1] = item
+        else:
+            items.append(item)
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
 
 
 class AsyncLLMEngine:
@@ -59,17 +92,20 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and self.dead_error is None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request; errors in the request (bad prompt) raise here."""
+                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs (cumulative unless params.output_kind says DELTA or
+        FINAL_ONLY); errors in the request (bad prompt) raise here. Requests with different
+        `cache_salt` never share prefix-cache blocks (LLMEngine.add_request)."""
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        delta = params is not None and params.output_kind is RequestOutputKind.DELTA
+        stream = _Stream(asyncio.get_running_loop(), delta, cache_salt)
         self._commands.put(("add", request_id, prompt, params, stream))
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -95,7 +131,7 @@ class AsyncLLMEngine:
         kind, request_id, prompt, params, stream = command
         if kind == "add":
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, stream.cache_salt)
             except Exception as exc:  # a bad request fails alone; the loop goes on
                 stream.put(exc)
                 return

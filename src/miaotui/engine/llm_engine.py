@@ -25,7 +25,7 @@ from miaotui.kernels.cpu_build import load_for_device
 from miaotui.runner.cpu_allocator import return_large_blocks, settle_after_load
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.runner.threads import configure_threads
-from miaotui.sampling_params import BeamSearchParams, SamplingParams
+from miaotui.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from miaotui.tokenizer import load_tokenizer
 
 
@@ -40,6 +40,8 @@ class _ParentRequest:
     outputs: list[CompletionOutput] = field(default_factory=list)
     # prompt_logprobs: built once the leader has scored the whole prompt (RequestOutput's shape).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Per completion, what DELTA outputs have handed out: (characters, tokens, finished).
+    sent: list[list] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -150,7 +152,8 @@ class LLMEngine:
         outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for i in range(params.n)]
-        self._parents[request_id] = _ParentRequest(text, ids, children, detoks, outputs)
+        self._parents[request_id] = _ParentRequest(text, ids, children, detoks, outputs,
+                                                   sent=[[0, 0, False] for _ in outputs])
         self.scheduler.add(children[0], children[1:])
         return request_id
 
@@ -272,7 +275,9 @@ class LLMEngine:
         results = self._advance_beam_groups(result.beam_logprobs)
         for parent_id, parent in touched.items():
             self._build_prompt_logprobs(parent)
-            results.append(self._snapshot(parent_id, parent))
+            out = self._output(parent_id, parent)
+            if out is not None:
+                results.append(out)
             if parent.finished:
                 del self._parents[parent_id]
         if not self.scheduler.has_unfinished():
@@ -334,6 +339,35 @@ class LLMEngine:
             out.cumulative_logprob += sampled_lp
         out.finish_reason = request.finish_reason
         out.stop_reason = request.stop_reason
+
+    def _output(self, parent_id: str, parent: _ParentRequest) -> RequestOutput | None:
+        """The request's output of this step, as its params' output_kind asks (None: none now)."""
+        kind = parent.children[0].sampling_params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY:
+            if not parent.finished:
+                return None
+            # The parent is dropped after this step: its outputs are handed over, not copied.
+            return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, parent.outputs, True,
+                                 parent.prompt_logprobs)
+        if kind is RequestOutputKind.DELTA:
+            return self._delta(parent_id, parent)
+        return self._snapshot(parent_id, parent)
+
+    @staticmethod
+    def _delta(parent_id: str, parent: _ParentRequest) -> RequestOutput:
+        """What is new since the last output, per completion that advanced: its cost is the new
+        tokens, not the completion's length (a long stream stays linear)."""
+        outs = []
+        for o, sent in zip(parent.outputs, parent.sent):
+            chars, tokens, done = sent
+            if done or (len(o.token_ids) == tokens and len(o.text) == chars and not o.finished):
+                continue
+            outs.append(CompletionOutput(o.index, o.text[chars:], o.token_ids[tokens:], o.cumulative_logprob,
+                                         o.logprobs[tokens:] if o.logprobs is not None else None,
+                                         o.finish_reason, o.stop_reason))
+            sent[:] = [len(o.text), len(o.token_ids), o.finished]
+        return RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outs, parent.finished,
+                             parent.prompt_logprobs)
 
     @staticmethod
     def _snapshot(parent_id: str, parent: _ParentRequest) -> RequestOutput:
