@@ -6,7 +6,7 @@ Environment variables are read here and nowhere else (see `env_default_model`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -151,6 +151,34 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one API request may ask for, checked before it is admitted (each a 400 naming the
+    field and the limit): the work a request causes before the engine runs it, and its cost on
+    the engine thread every step, stay bounded whatever a client sends."""
+
+    max_prompts: int = 256  # prompts in one completions request
+    max_n: int = 16  # samples per prompt
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 1024  # each stop string
+    max_stop_token_ids: int = 256
+    max_logit_bias: int = 1024  # entries of the logit_bias map
+    max_logprobs: int = 20  # logprobs / top_logprobs / prompt_logprobs (the engine's cap is 20)
+    max_messages: int = 2048  # messages of one chat request
+    max_chat_template_chars: int = 256 * 1024  # a request's own chat_template
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompts", "max_n", "max_stop_string_chars", "max_messages", "max_chat_template_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_stop_strings", "max_stop_token_ids", "max_logit_bias"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError(f"max_logprobs: must be in [0, 20] (the engine returns at most 20), "
+                             f"got {self.max_logprobs}")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """HTTP front end. `max_queued_requests` counts requests waiting beyond the running ones;
     past it the server answers 429. `max_body_bytes` bounds a request body (413 beyond)."""
@@ -169,6 +197,9 @@ class ServerConfig:
     # (None: max(1 MiB, 16 x the context length)).
     chat_template_timeout_s: float = 5.0
     chat_template_max_chars: int | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # A streaming client that reads nothing for this long is disconnected and its request aborted.
+    stream_stall_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -186,3 +217,5 @@ class ServerConfig:
             raise ValueError(f"chat_template_timeout_s: must be > 0, got {self.chat_template_timeout_s}")
         if self.chat_template_max_chars is not None and self.chat_template_max_chars < 1:
             raise ValueError(f"chat_template_max_chars: must be >= 1, got {self.chat_template_max_chars}")
+        if not self.stream_stall_timeout_s > 0:
+            raise ValueError(f"stream_stall_timeout_s: must be > 0, got {self.stream_stall_timeout_s}")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from miaotui.sampling_params import SamplingParams
+from miaotui.sampling_params import RequestOutputKind, SamplingParams
 
 
 class _Body(BaseModel):
@@ -62,6 +62,9 @@ class _SamplingFields(_Body):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = False
+    # vLLM's: requests with different salts never share prefix-cache blocks (one random salt per
+    # tenant keeps one tenant from timing, or reusing, another's cached prompts).
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -80,6 +83,7 @@ class _SamplingFields(_Body):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, logit_bias=self._logit_bias(),
+            output_kind=RequestOutputKind.DELTA,  # the server sends (or appends) what is new
         )
 
     @property

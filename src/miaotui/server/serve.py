@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 
-from miaotui.config import SchedulerConfig, ServerConfig
+from miaotui.config import RequestLimits, SchedulerConfig, ServerConfig
 from miaotui.engine_args import add_chat_template_arg
 
 logger = logging.getLogger("miaotui.server")
@@ -84,9 +84,39 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graceful-shutdown", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server and access log level")
+    p.add_argument("--stream-stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a streaming client that reads nothing for this long is disconnected and its "
+                        "request aborted")
+    _add_limit_args(p)
     from miaotui.ray_serve import add_ray_args
 
     add_ray_args(p)
+
+
+# (flag, RequestLimits field, what it bounds): each a 400 naming the field and the limit.
+_LIMIT_FLAGS = (
+    ("--max-prompts-per-request", "max_prompts", "prompts in one completions request"),
+    ("--max-n", "max_n", "samples per prompt (n)"),
+    ("--max-stop-strings", "max_stop_strings", "stop strings of one request"),
+    ("--max-stop-string-chars", "max_stop_string_chars", "characters of one stop string"),
+    ("--max-stop-token-ids", "max_stop_token_ids", "stop_token_ids of one request"),
+    ("--max-logit-bias", "max_logit_bias", "logit_bias entries of one request"),
+    ("--max-logprobs", "max_logprobs", "logprobs / top_logprobs / prompt_logprobs (at most 20)"),
+    ("--max-messages", "max_messages", "messages of one chat request"),
+    ("--max-chat-template-chars", "max_chat_template_chars", "characters of a request's own chat_template"),
+)
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("request limits", "what one request may ask for (400 beyond, before any work)")
+    defaults = RequestLimits()
+    for flag, name, what in _LIMIT_FLAGS:
+        group.add_argument(flag, dest=f"limit_{name}", type=int, default=getattr(defaults, name), metavar="N",
+                           help=what)
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(**{name: getattr(args, f"limit_{name}") for _, name, _ in _LIMIT_FLAGS})
 
 
 class _Server:
@@ -136,7 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  chat_template=load_chat_template(args.chat_template),
                                  trust_request_chat_template=args.trust_request_chat_template,
                                  chat_template_timeout_s=args.chat_template_timeout,
-                                 chat_template_max_chars=args.chat_template_max_chars)
+                                 chat_template_max_chars=args.chat_template_max_chars,
+                                 limits=request_limits(args),
+                                 stream_stall_timeout_s=args.stream_stall_timeout)
     model_config, cache_config = model_and_cache_configs(args)
     model_config = dataclasses.replace(model_config, seed=args.seed)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,

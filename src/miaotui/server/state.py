@@ -22,6 +22,33 @@ logger = logging.getLogger("miaotui.server")
 # The clause of every 400 that a server started with --skip-tokenizer-init (an engine whose
 # tokenizer is None: token-id prompts only, outputs without text) gives for what needs text.
 NO_TOKENIZER = "this server runs without a tokenizer (--skip-tokenizer-init)"
+# Work on up to this many characters or token ids runs on the event loop (well under a
+# millisecond); more, in a thread.
+_INLINE_WORK_SIZE = 16 * 1024
+
+
+async def sized_work(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) on the event loop when `size` (characters or ids) is small, else in a
+    thread: the event loop (every other stream, /health) never waits for a request's bulk."""
+    if size <= _INLINE_WORK_SIZE:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class Admission:
+    """Sequences a request holds in the server's admission count; `release()` gives them back,
+    once, however many paths call it."""
+
+    __slots__ = ("_state", "_sequences")
+
+    def __init__(self, state: ServerState, sequences: int) -> None:
+        self._state: ServerState | None = state
+        self._sequences = sequences
+
+    def release(self) -> None:
+        if self._state is not None:
+            self._state.in_flight -= self._sequences
+            self._state = None
 
 
 class ServerState:
@@ -113,7 +140,15 @@ class ServerState:
         except RuntimeError as exc:
             raise APIError(503, f"chat templates are unavailable: {exc}") from exc
         # The template already wrote any BOS it wants; do not let the tokenizer add a second one.
-        return tokenizer.encode(text, add_special_tokens=False)
+        return await self.encode(text, add_special_tokens=False)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids of `text`, off the event loop when long (`sized_work`)."""
+        return await sized_work(len(text), self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def tokenize_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """`tokenize` of each prompt, off the event loop when they are long (`sized_work`)."""
+        return await sized_work(sum(len(p) for p in prompts), lambda: [self.tokenize(p) for p in prompts])
 
     @property
     def chat_template_max_chars(self) -> int:
@@ -193,15 +228,14 @@ class ServerState:
                              "use stop_token_ids")
 
     # --- admission -----------------------------------------------------------------------------
-    def admit(self, sequences: int) -> None:
+    def admit(self, sequences: int) -> Admission:
+        """Count `sequences` in, or a 429: before any work is done for the request."""
         limit = self.llm_engine.scheduler.config.max_num_seqs + self.config.max_queued_requests
         if self.in_flight + sequences > limit:
             raise APIError(429, f"the server is at capacity ({self.in_flight} sequences in flight, limit "
                                 f"{limit}); retry later", headers={"Retry-After": "1"})
         self.in_flight += sequences
-
-    def release(self, sequences: int) -> None:
-        self.in_flight -= sequences
+        return Admission(self, sequences)
 
     def _stats(self) -> dict[str, int] | None:
         if self.engine is None:
