@@ -124,7 +124,8 @@ def test_queue_full_is_429_with_retry_after(tiny_server_model):
         assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-def test_engine_failure_is_503_and_server_survives(tiny_server_model):
+def test_engine_failure_is_503_and_server_survives(tiny_server_model, caplog):
+    """The failure's text (a device message) is in the log only: clients and /health get none."""
     with tiny_client(tiny_server_model) as c:
         engine = c.app.state.miaotui.engine
         assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
@@ -134,10 +135,14 @@ def test_engine_failure_is_503_and_server_survives(tiny_server_model):
 
         engine.engine.runner.execute = boom
         err = assert_error(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 503)
-        assert "simulated device failure" in err["message"]
-        assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503)
-        assert c.get("/health").status_code == 503
+        assert err["message"] == "the engine failed; the server log has the details"
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503)
+        assert err["message"] == "the engine has stopped; the server log has the details"
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "failed"}
         assert c.get("/version").status_code == 200  # the process still answers
+    failures = [r for r in caplog.records if r.name == "miaotui.engine" and r.exc_info]
+    assert failures and "simulated device failure" in caplog.text
 
 
 def test_streaming_error_after_headers_is_in_band(tiny_server_model):
@@ -151,7 +156,8 @@ def test_streaming_error_after_headers_is_in_band(tiny_server_model):
         resp = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True})
         assert resp.status_code == 200
         events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]" and '"error"' in events[-2] and "simulated" in events[-2]
+        assert events[-1] == "[DONE]" and '"error"' in events[-2] and "simulated" not in events[-2]
+        assert "the server log has the details" in events[-2]
 
 
 PUBLIC = {"/health", "/", "/static"}
@@ -191,7 +197,8 @@ def test_api_key_required_on_every_protected_route(tiny_server_model):
         assert models["data"][0]["id"]
 
 
-def test_health_is_503_while_loading(tiny_server_model):
+def test_health_is_503_while_loading(tiny_server_model, caplog):
+    """/health says loading, then failed, and nothing more: the load error is in the log only."""
     from fastapi.testclient import TestClient
 
     from miaotui.config import ServerConfig
@@ -210,10 +217,12 @@ def test_health_is_503_while_loading(tiny_server_model):
             assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="loading")
             gate.set()
             deadline = time.monotonic() + 60
-            while "error" not in (health := c.get("/health").json())["status"]:
+            while (health := c.get("/health").json()) == {"status": "loading"}:
                 assert time.monotonic() < deadline, f"the load error never showed: {health}"
                 time.sleep(0.02)
-            assert c.get("/health").status_code == 503
-            assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="weights are corrupt")
+            assert health == {"status": "failed"} and c.get("/health").status_code == 503
+            err = assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503)
+            assert err["message"] == "the model failed to load; the server log has the details"
+        assert "weights are corrupt" in caplog.text
     finally:
         gate.set()

@@ -4,6 +4,12 @@ The engine is not thread-safe, so it is touched only by its own thread: asyncio 
 commands (add, abort) through a queue, and the thread hands each request's outputs back to the
 caller's event loop. Cancelling the consumer of `generate()` (a client disconnects) aborts the
 request, which frees its KV blocks at once.
+
+Whatever ends the thread other than a shutdown (a step, an abort or a delivery that raises, a
+runner reporting a failure) fails the engine: every request still streaming or still queued gets
+EngineDeadError, later ones get it at once, and `on_dead` runs, once. The error's text never
+carries the failure's (a server passes it to clients); the failure is its `__cause__`, is in
+`dead_error` and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +26,8 @@ from dataclasses import dataclass, field
 from miaotui.engine.llm_engine import LLMEngine
 from miaotui.outputs import RequestOutput
 from miaotui.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("miaotui.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -81,6 +90,11 @@ class AsyncLLMEngine:
         self._stopped = False
         self._on_dead = on_dead
         self.dead_error: BaseException | None = None
+        # Orders queuing a command against the thread's exit: a command is either refused
+        # (`_closed` already set) or queued before `_exit` drains the queue, which answers it.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._in_hand: tuple | None = None  # the command `_handle` is working on, for `_exit`
         hooks = getattr(engine.runner, "on_failure", None)
         if hooks is not None:
             hooks.append(lambda message: self._commands.put(("fail", message, None, None, None)))
@@ -96,12 +110,10 @@ class AsyncLLMEngine:
         """Stream one request's outputs (cumulative unless params.output_kind says DELTA or
         FINAL_ONLY); errors in the request (bad prompt) raise here. Requests with different
         `cache_salt` never share prefix-cache blocks (LLMEngine.add_request)."""
-        if self.dead_error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         delta = params is not None and params.output_kind is RequestOutputKind.DELTA
         stream = _Stream(asyncio.get_running_loop(), delta, cache_salt)
-        self._commands.put(("add", request_id, prompt, params, stream))
+        self._submit(("add", request_id, prompt, params, stream))  # EngineDeadError once the engine has ended
         finished = False
         try:
             while True:
@@ -118,13 +130,30 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None, None, None))
+        if not self._closed:  # after the thread's end there is nothing left to abort
+            self._commands.put(("abort", request_id, None, None, None))
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stopped = True
         self._commands.put(("stop", None, None, None, None))
         self._thread.join(timeout)
         self.engine.shutdown()
+
+    def _submit(self, command: tuple) -> None:
+        """Queue `command` for the engine thread, or raise EngineDeadError once it has ended."""
+        with self._lock:
+            if self._closed:
+                raise self._ended_error()
+            self._commands.put(command)
+
+    def _ended_error(self) -> EngineDeadError:
+        """What a request gets once the thread has ended (a fresh one each: an exception raised
+        in several tasks would share its traceback)."""
+        if self.dead_error is None:
+            return EngineDeadError("the engine has been shut down")
+        error = EngineDeadError("the engine failed; the server log has the details")
+        error.__cause__ = self.dead_error
+        return error
 
     # --- the engine thread -------------------------------------------------------------------
     def _handle(self, command: tuple) -> None:
@@ -140,15 +169,17 @@ class AsyncLLMEngine:
             self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
 
-    def _die(self, exc: BaseException) -> None:
-        self.dead_error = exc
-        for stream in self._streams.values():
-            stream.put(EngineDeadError(f"the engine failed: {exc}"))
-        self._streams.clear()
-        if self._on_dead is not None:
-            self._on_dead(exc)
-
     def _loop(self) -> None:
+        """The thread's body: `_exit` runs whatever ends `_run`, a clean stop or not."""
+        failure: BaseException | None
+        try:
+            failure = self._run()
+        except BaseException as exc:  # noqa: BLE001 - anything that ends the loop fails the engine
+            failure = exc
+        self._exit(failure)
+
+    def _run(self) -> BaseException | None:
+        """Commands, then a step, until "stop" or shutdown (None) or a runner's "fail" (its error)."""
         while not self._stopped:
             idle = not self.engine.has_unfinished_requests()
             try:
@@ -157,25 +188,55 @@ class AsyncLLMEngine:
                 command = None
             while command is not None:
                 if command[0] == "stop":
-                    return
+                    return None
                 if command[0] == "fail":
-                    self._die(RuntimeError(command[1]))
-                    return
+                    return RuntimeError(command[1])
+                self._in_hand = command
                 self._handle(command)
+                self._in_hand = None
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
             if not self.engine.has_unfinished_requests():
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # the model failed: fail every request, refuse new ones
-                self._die(exc)
-                return
-            for out in outputs:
+            for out in self.engine.step():
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
                     if out.finished:
                         del self._streams[out.request_id]
+        return None
+
+    def _exit(self, failure: BaseException | None) -> None:
+        """Runs once, as the thread ends: refuse new commands, answer every request still
+        waiting (streaming, in hand, or queued and never added; aborts need no answer) and,
+        after a failure, log it and call `on_dead`. One stream whose delivery raises does not
+        keep the others waiting, nor `on_dead` from running."""
+        with self._lock:  # from here on `_submit` refuses: what is queued now is all there is
+            self.dead_error = failure
+            self._closed = True
+            pending = []
+            while True:
+                try:
+                    pending.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        streams = list(self._streams.values())
+        self._streams.clear()
+        in_hand = self._in_hand
+        if in_hand is not None and in_hand[0] == "add" and not any(s is in_hand[4] for s in streams):
+            streams.append(in_hand[4])  # it failed before (or while) being registered
+        streams += [command[4] for command in pending if command[0] == "add"]
+        if failure is not None:
+            logger.error("the engine failed; failing its %d requests", len(streams), exc_info=failure)
+        for stream in streams:
+            try:
+                stream.put(self._ended_error())
+            except BaseException:  # noqa: BLE001 - the other streams still get their error
+                logger.exception("could not deliver the engine's failure to a request")
+        if failure is not None and self._on_dead is not None:
+            try:
+                self._on_dead(failure)
+            except BaseException:  # noqa: BLE001 - the thread ends either way; say why it went wrong
+                logger.exception("the engine's on_dead callback failed")

@@ -3,7 +3,8 @@ the chat page, OpenAI routes.
 
     app = build_app(ServerConfig(...), engine_factory)   # engine_factory() -> AsyncLLMEngine
 
-The model loads in the background when the app starts; /health answers 503 until it is ready.
+The model loads in the background when the app starts; /health answers 503 until it is ready
+(`{"status": "loading"}`) and once loading or the engine has failed (`{"status": "failed"}`).
 """
 
 from __future__ import annotations
@@ -172,14 +173,14 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics, router=app.router)
     add_openai_routes(app)
 
+    # Public (no API key), so it says only which state the server is in: a load or engine error
+    # names paths and devices, and goes to the log (ServerState, AsyncLLMEngine) alone.
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.load_error is not None:
-            return JSONResponse({"status": "error", "error": str(state.load_error)}, status_code=503)
+        if state.load_error is not None or (state.engine is not None and not state.engine.is_running):
+            return JSONResponse({"status": "failed"}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        if not state.engine.is_running:
-            return JSONResponse({"status": "error", "error": str(state.engine.dead_error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

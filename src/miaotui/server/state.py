@@ -74,7 +74,7 @@ class ServerState:
             try:
                 self.engine = self._factory()
                 logger.info("model loaded: %s (context %d tokens)", self.model_name, self.max_model_len)
-            except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
+            except BaseException as exc:  # noqa: BLE001 - the log has it; /health says only "failed"
                 self.load_error = exc
                 logger.error("loading the model failed: %s", exc)
                 if on_error is not None:
@@ -167,12 +167,14 @@ class ServerState:
         return self.llm_engine.model_path.rstrip("/").rsplit("/", 1)[-1] if self.engine else "loading"
 
     def engine_or_503(self) -> AsyncLLMEngine:
+        """The engine, or a 503 saying why not. Never with a load or engine error's text (paths,
+        device messages): a client may be anyone, and the log has it."""
         if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {self.load_error}")
+            raise APIError(503, "the model failed to load; the server log has the details")
         if self.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         if not self.engine.is_running:
-            raise APIError(503, f"the engine has stopped: {self.engine.dead_error}")
+            raise APIError(503, "the engine has stopped; the server log has the details")
         if self.draining:
             raise APIError(503, "the server is shutting down")
         return self.engine
