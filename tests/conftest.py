@@ -51,15 +51,17 @@ def _untie_t5_head(model, folder: Path) -> None:
 
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
-    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | gpt2 | bloom |
-    t5) to `folder`. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
+    """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | qwen3 | smollm3 |
+    gpt2 | bloom | t5) to `folder`. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
     from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration)
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5ForConditionalGeneration)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+               "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
                "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration)}
     config_cls, model_cls = classes[arch]
     untied_head = overrides.pop("untied_head", False)

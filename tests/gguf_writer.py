@@ -13,6 +13,8 @@ LAYER_MAP = {
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",  # qwen3
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -37,7 +39,7 @@ def gguf_name(hf_name: str) -> str:
 
 def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
                      tokenizer_from: str | None = None) -> Path:
-    """Write `hf_model` (a transformers LlamaForCausalLM) to `path`.
+    """Write `hf_model` (a transformers LlamaForCausalLM, or Qwen2/Qwen3 with `arch` to match) to `path`.
 
     quant_for(gguf_tensor_name) -> a GGMLQuantizationType name ("F32", "Q8_0", ...).
     tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
@@ -54,7 +56,11 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    if arch == "qwen3":  # llama.cpp's converter writes the head size where it is the config's own
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(1)
     if tokenizer_from:

@@ -1,7 +1,8 @@
 """Decoder-only parity with transformers on tiny random checkpoints (fp32, CPU).
 
 Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy ids match for
-32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2 and
+32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2, Qwen3
+(Q/K norm; head_dim 32 != hidden / heads; with and without biases), SmolLM3 (RoPE-less layers) and
 GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
 (ALiBi; 6 heads exercise the slopes beyond a power of two).
 """
@@ -20,6 +21,7 @@ from miaotui.request import Request
 from miaotui.runner.model_runner import ModelRunner
 from tests.conftest import make_tiny_checkpoint
 
+SMOLLM3_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # its defaults lie past vocab 256
 VARIANTS = {
     "llama": ("llama", {}),
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
@@ -32,6 +34,11 @@ VARIANTS = {
                                         "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "mistral-sliding": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": False}),
+    "qwen3-bias-tied": ("qwen3", {"head_dim": 32, "attention_bias": True, "tie_word_embeddings": True}),
+    # Layers 1 and 3 (every 2nd) skip RoPE; layer 2 too, by an explicit per-layer list.
+    "smollm3-interval": ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 2, **SMOLLM3_IDS}),
+    "smollm3-list": ("smollm3", {"num_hidden_layers": 3, "no_rope_layers": [1, 0, 0], **SMOLLM3_IDS}),
     "gpt2": ("gpt2", {}),
     "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
                                   "n_inner": 96}),

@@ -28,8 +28,8 @@ from miaotui.loader.gguf_index import load_index, save_index
 from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
-                           "bloom": "BloomForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -41,6 +41,8 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -304,7 +306,7 @@ def hf_tensor_name(name: str, arch: str, path: Path) -> str:
 def keeps_int4(arch: str) -> bool:
     """Whether this architecture's 4-bit tensors can stay 4-bit (rows as the model wants them, no
     transpose): the Llama family. GPT-2 and BLOOM weights are dequantized."""
-    return arch in ("llama", "qwen2")
+    return arch in ("llama", "qwen2", "qwen3")
 
 
 def lossy_linear_names(reader: Any, path: Path) -> set[str]:

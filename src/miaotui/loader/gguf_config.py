@@ -1,4 +1,4 @@
-"""The config of a Llama-family GGUF (llama, qwen2), without transformers' config classes.
+"""The config of a Llama-family GGUF (llama, qwen2, qwen3), without transformers' config classes.
 
 Importing transformers' LlamaConfig / Qwen2Config pulls in its model-loading stack (torch.distributed
 tensors, dynamo: ~2.5 s and ~160 MB on a 2-core machine), most of a cold start on a small GGUF,
@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass(slots=True)
 class LlamaFamilyConfig:
-    model_type: str  # "llama" | "qwen2" (qwen2: biased Q/K/V)
+    model_type: str  # "llama" | "qwen2" (biased Q/K/V) | "qwen3" (Q/K norm)
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -1,4 +1,5 @@
-"""The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (QKV bias).
+"""The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (QKV bias), Qwen3 (per-head
+Q/K RMSNorm before RoPE), SmolLM3 (RoPE skipped in the layers its config lists).
 
 Follows the paged model contract: `forward(input_ids [T], positions [T], meta)` over one flat,
 unpadded batch returns hidden states [T, hidden]; `compute_logits` maps only rows to sample.
@@ -39,6 +40,14 @@ def _sliding_window(cfg: Any, layer: int) -> int | None:
     return window
 
 
+def _uses_rope(cfg: Any, layer: int) -> bool:
+    """SmolLM3's `no_rope_layers` holds one flag per layer, 1 where the layer DOES apply RoPE
+    (transformers' SmolLM3Attention: `use_rope = config.no_rope_layers[layer_idx]`; its config
+    fills the list from `no_rope_layer_interval`: every interval-th layer has no RoPE)."""
+    flags = getattr(cfg, "no_rope_layers", None)
+    return True if flags is None else bool(flags[layer])
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, layer: int) -> None:
         super().__init__()
@@ -51,6 +60,12 @@ class LlamaAttention(nn.Module):
         o_bias = cfg.model_type != "qwen2" and bool(getattr(cfg, "attention_bias", False))
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        # Qwen3: one RMSNorm over head_dim, shared by all Q heads (and one by all K heads).
+        self.qk_norm = cfg.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.use_rope = _uses_rope(cfg, layer)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim**-0.5, _sliding_window(cfg, layer))
         self._cpu_rotary = cpu_op("rotary")
@@ -59,9 +74,13 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         t = h.shape[0]
         qk, v = self.qkv_proj(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # Q and K heads rotated together: one rotation per layer.
-        qk = apply_rotary(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin,
-                          self._cpu_rotary).view(t, -1)
+        qk = qk.reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # before RoPE, as transformers' Qwen3Attention
+            q_heads, k_heads = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q_heads.contiguous()), self.k_norm(k_heads.contiguous())], dim=1)
+        if self.use_rope:  # Q and K heads rotated together: one rotation per layer.
+            qk = apply_rotary(qk, cos, sin, self._cpu_rotary)
+        qk = qk.reshape(t, -1)
         q, k = qk.split([self.q_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -109,6 +128,10 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
         if act != "silu":
             raise UnsupportedModelError(f"activation {act!r} is not supported for Llama-family models")
         check_rope(cfg)
+        flags = getattr(cfg, "no_rope_layers", None)
+        if flags is not None and (len(flags) != cfg.num_hidden_layers or any(f not in (0, 1) for f in flags)):
+            raise UnsupportedModelError(
+                f"no_rope_layers must hold one 0/1 flag per layer ({cfg.num_hidden_layers}), got {list(flags)!r}")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()

@@ -18,6 +18,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "SmolLM3ForCausalLM": LlamaForCausalLM,
     "MT5ForConditionalGeneration": T5ForConditionalGeneration,
     "T5ForConditionalGeneration": T5ForConditionalGeneration,
 }
