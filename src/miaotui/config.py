@@ -178,6 +178,10 @@ class RequestLimits:
                              f"got {self.max_logprobs}")
 
 
+# vLLM's names of its reasoning parsers that we implement, and "none" (no split).
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "none")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """HTTP front end. `max_queued_requests` counts requests waiting beyond the running ones;
@@ -200,6 +204,9 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     # A streaming client that reads nothing for this long is disconnected and its request aborted.
     stream_stall_timeout_s: float = 30.0
+    # How chat replies split thinking from the answer (server/parsers/reasoning.py): one of
+    # REASONING_PARSERS; None: `qwen3` where the chat template thinks in <think> tags, else none.
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -219,3 +226,6 @@ class ServerConfig:
             raise ValueError(f"chat_template_max_chars: must be >= 1, got {self.chat_template_max_chars}")
         if not self.stream_stall_timeout_s > 0:
             raise ValueError(f"stream_stall_timeout_s: must be > 0, got {self.stream_stall_timeout_s}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser: must be one of {', '.join(REASONING_PARSERS)} (or unset: "
+                             f"chosen from the chat template), got {self.reasoning_parser!r}")

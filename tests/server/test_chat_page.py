@@ -108,3 +108,44 @@ def test_page_asks_for_the_api_key_and_uses_it(browser, tmp_path, embedded_gguf)
         page.wait_for_selector(".msg.assistant[data-done='complete']", timeout=60_000)
         assert page.inner_text(".msg.assistant .content").strip()
         page.close()
+
+
+def test_the_thinking_streams_into_a_fold_above_the_answer(browser, embedded_server):
+    """A reply with delta.reasoning_content (the server's own split is tested in
+    test_reasoning_output.py; here the stream is canned): the thinking goes into a closed
+    <details> above the answer, and only the answer joins the conversation."""
+    import json
+
+    def sse(*deltas) -> str:
+        events = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events.append({"choices": [], "usage": {"completion_tokens": 4}})
+        return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    sent: list[dict] = []
+
+    def fake_chat(route) -> None:
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=200, content_type="text/event-stream", body=sse(
+            {"role": "assistant", "content": ""}, {"reasoning_content": "Let me "},
+            {"reasoning_content": "think."}, {"content": "The answer."}))
+
+    page = browser.new_page()
+    page.route("**/v1/chat/completions", fake_chat)
+    page.goto(embedded_server.base_url + "/")
+    _send(page, "Why?")
+    page.wait_for_selector(".msg.assistant[data-done='complete']", timeout=60_000)
+    fold = page.locator(".msg.assistant details.thinking")
+    assert fold.count() == 1 and fold.get_attribute("open") is None
+    assert page.inner_text(".msg.assistant details.thinking summary") == "Thought"
+    assert page.text_content(".msg.assistant details.thinking .reasoning") == "Let me think."
+    assert page.inner_text(".msg.assistant .content") == "The answer."
+    # The fold comes first in the bubble, then the answer.
+    assert page.evaluate("document.querySelector('.msg.assistant').firstElementChild.tagName") == "DETAILS"
+    page.click(".msg.assistant details.thinking summary")
+    assert page.is_visible(".msg.assistant details.thinking .reasoning")
+    page.screenshot(path=str(ARTIFACTS / "chat-page-thinking.png"), full_page=True)
+    _send(page, "And?")
+    page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='complete']\").length == 2",
+                           timeout=60_000)
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": "The answer."}
+    page.close()

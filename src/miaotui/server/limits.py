@@ -4,6 +4,8 @@ hostile body costs the event loop no more than its parsing did."""
 
 from __future__ import annotations
 
+import json
+
 from miaotui.config import RequestLimits
 from miaotui.server.errors import APIError
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest, _SamplingFields
@@ -14,6 +16,8 @@ _FLAGS = {
     "max_logit_bias": "--max-logit-bias", "max_logprobs": "--max-logprobs", "max_messages": "--max-messages",
     "max_chat_template_chars": "--max-chat-template-chars",
 }
+# A chat request's chat_template_kwargs, as JSON: a few switches, not a second prompt.
+MAX_TEMPLATE_KWARGS_BYTES = 4096
 
 
 def _over(limits: RequestLimits, name: str, value: int, param: str, noun: str) -> None:
@@ -51,6 +55,12 @@ def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
         _over(limits, "max_logprobs", body.top_logprobs, "top_logprobs", "logprobs per token")
     if body.chat_template is not None:
         _over(limits, "max_chat_template_chars", len(body.chat_template), "chat_template", "characters")
+    if body.chat_template_kwargs:
+        # The body is already bounded (--max-body-bytes), so encoding it costs what parsing did.
+        size = len(json.dumps(body.chat_template_kwargs, ensure_ascii=False).encode())
+        if size > MAX_TEMPLATE_KWARGS_BYTES:
+            raise APIError(400, f"chat_template_kwargs: {size} bytes of JSON is over the limit of "
+                                f"{MAX_TEMPLATE_KWARGS_BYTES}", param="chat_template_kwargs")
 
 
 def check_messages(messages: list | None, limits: RequestLimits) -> None:

@@ -19,6 +19,7 @@ from miaotui.server.errors import APIError, bad_request
 from miaotui.server.job_runner import Job, Sent, run_job
 from miaotui.server.limits import check_chat, check_completion
 from miaotui.server.logprobs import chat_logprobs, completion_logprobs, join_logprobs, prompt_logprobs_json
+from miaotui.server.parsers.reasoning import ReasoningMode, ReasoningParser, choose, split_reasoning
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
 from miaotui.server.state import NO_TOKENIZER, ServerState, sized_work
 
@@ -169,19 +170,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     try:
         messages = [m.as_template_message() for m in body.messages]
         try:
-            ids = await state.chat_prompt_ids(messages, body.add_generation_prompt, body.chat_template)
+            prompt = await state.chat_prompt(messages, body.add_generation_prompt, body.chat_template,
+                                             body.chat_template_kwargs)
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
-        job = _job(state, [ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl",
+        job = _job(state, [prompt.ids], body.requested_max_tokens, body.sampling_params, body.n, "chatcmpl",
                    body.cache_salt)
-        return await _chat_job(state, request, body, model, job, admission)
+        reasoning = choose(state.config.reasoning_parser, prompt.template, prompt.text)
+        return await _chat_job(state, request, body, model, job, admission, reasoning)
     except BaseException:
         admission.release()  # idempotent: run_job may have released it already
         raise
 
 
 async def _chat_job(state: ServerState, request: Request, body: ChatCompletionRequest, model: str, job: Job,
-                    admission):
+                    admission, reasoning: ReasoningMode | None = None):
+    """`reasoning`: the request's reasoning parser (parsers/reasoning.py), if any: the thinking
+    goes to `reasoning_content` (streamed, `delta.reasoning_content`), the answer to `content`,
+    split alike whether streamed or not."""
     want_logprobs = bool(body.logprobs)
     as_ids = body.return_tokens_as_token_ids
     base = {"id": job.request_id, "created": job.created, "model": model}
@@ -190,28 +196,47 @@ async def _chat_job(state: ServerState, request: Request, body: ChatCompletionRe
         "index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
         "logprobs": None}]} for index in range(job.n))
 
+    parsers: dict[int, ReasoningParser] = {}  # per streamed choice
+
     def chunk(index: int, o: CompletionOutput, sent: Sent) -> dict | None:
-        text = o.text
-        # Tokens whose text is still held back (a partial UTF-8 character or stop string) carry
-        # their logprobs now: the caller counts them as sent whether or not a chunk goes out.
+        thought, text = "", o.text
+        if reasoning is not None:
+            parser = parsers.setdefault(index, reasoning.parser())
+            thought, text = parser.feed(text)
+            if o.finished:  # no more text: what could still have become a tag is text
+                held_thought, held_text = parser.finish()
+                thought, text = thought + held_thought, text + held_text
+        # Tokens whose text is still held back (a partial UTF-8 character, stop string or tag)
+        # carry their logprobs now: the caller counts them as sent whether or not a chunk goes out.
         new_logprobs = want_logprobs and bool(o.token_ids)
-        if not text and not new_logprobs and not o.finished:
+        if not text and not thought and not new_logprobs and not o.finished:
             return None
+        delta = {"reasoning_content": thought} if thought else {}
+        if text or (new_logprobs and not thought):
+            delta["content"] = text
         return base | {"object": "chat.completion.chunk", "choices": [{
-            "index": index, "delta": {"content": text} if text or new_logprobs else {},
+            "index": index, "delta": delta,
             "finish_reason": o.finish_reason,
             "logprobs": chat_logprobs(o, 0, as_ids) if want_logprobs else None}]}
 
     def final(whole: dict[int, RequestOutput] | None, usage: dict, usage_chunk: bool = False) -> dict:
         if usage_chunk:
             return base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": o.finish_reason,
+        choices = [{"index": o.index, "message": _message(o.text, reasoning), "finish_reason": o.finish_reason,
                     "logprobs": chat_logprobs(o, 0, as_ids) if want_logprobs else None}
                    for o in whole[0].outputs]
         return base | {"object": "chat.completion", "choices": choices, "usage": usage}
 
     return await run_job(state, request, job, admission, chunk, final, body.stream, body.include_usage, opening)
+
+
+def _message(text: str, reasoning: ReasoningMode | None) -> dict:
+    """A whole choice's message; `reasoning_content` only where a reasoning parser runs (null
+    when the reply did not think, and `content` null when it only thought, as vLLM's)."""
+    if reasoning is None:
+        return {"role": "assistant", "content": text}
+    thought, content = split_reasoning(text, reasoning.in_reasoning)
+    return {"role": "assistant", "content": content, "reasoning_content": thought}
 
 
 def add_openai_routes(app: FastAPI) -> None:

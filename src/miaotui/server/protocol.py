@@ -169,6 +169,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: StrictBool = True
     chat_template: str | None = None
+    # vLLM's: extra variables of the chat template ({"enable_thinking": false} for Qwen3).
+    # Bounded in size by limits.py; names the server sets itself are refused by state.py.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 
-from miaotui.config import RequestLimits, SchedulerConfig, ServerConfig
+from miaotui.config import REASONING_PARSERS, RequestLimits, SchedulerConfig, ServerConfig
 from miaotui.engine_args import add_chat_template_arg
 
 logger = logging.getLogger("miaotui.server")
@@ -70,6 +70,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template-max-chars", type=int, default=None, metavar="N",
                    help="largest text a chat template may render, in characters (400 beyond; "
                         "default: max(1 MiB, 16 x the context length))")
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="split a chat reply's <think> ... </think> thinking into reasoning_content, as vLLM's "
+                        "parsers of these names do ('none': never; default: qwen3 where the chat template "
+                        "contains </think>, else none)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the draws of requests without their own seed: a whole run reproducible "
                         "(default: fresh randomness every start)")
@@ -168,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  chat_template_timeout_s=args.chat_template_timeout,
                                  chat_template_max_chars=args.chat_template_max_chars,
                                  limits=request_limits(args),
-                                 stream_stall_timeout_s=args.stream_stall_timeout)
+                                 stream_stall_timeout_s=args.stream_stall_timeout,
+                                 reasoning_parser=args.reasoning_parser)
     model_config, cache_config = model_and_cache_configs(args)
     model_config = dataclasses.replace(model_config, seed=args.seed)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,

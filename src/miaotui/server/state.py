@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from miaotui.config import ServerConfig
@@ -33,6 +34,29 @@ async def sized_work(size: int, fn: Callable[..., Any], *args: Any, **kwargs: An
     if size <= _INLINE_WORK_SIZE:
         return fn(*args, **kwargs)
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# What a render passes besides its variables (transformers' render_jinja_template) and the
+# globals of its environment: a request's chat_template_kwargs may not replace them.
+_RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                                 "raise_exception", "strftime_now"})
+
+
+def _extra_variables(kwargs: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+    taken = sorted(k for k in kwargs if k in _RESERVED_VARIABLES or k in variables)
+    if taken:
+        raise APIError(400, f"chat_template_kwargs: may not set {', '.join(map(repr, taken))}, which the server "
+                            "passes to the chat template itself", param="chat_template_kwargs")
+    return kwargs
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """A rendered chat prompt: its ids, its text and the template that rendered it."""
+
+    ids: list[int]
+    text: str
+    template: str
 
 
 class Admission:
@@ -114,12 +138,20 @@ class ServerState:
 
     async def chat_prompt_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                               chat_template: str | None = None) -> list[int]:
+        """The ids of `chat_prompt`."""
+        return (await self.chat_prompt(messages, add_generation_prompt, chat_template)).ids
+
+    async def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                          chat_template: str | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
         """`messages` rendered with the request's chat template (only with
         --trust-request-chat-template), else --chat-template, else the model's, and tokenized as
         `tokenizer.chat_prompt_ids` does. The render runs in a worker process under the server's
         time and size limits (template_worker.py): a template never stalls the event loop.
         While the transformers tokenizer is still loading (tokenizer_core.py), the template is
-        looked up in a thread. Past a limit: 400 naming it; no tokenizer or worker: 503."""
+        looked up in a thread. Past a limit: 400 naming it; no tokenizer or worker: 503.
+        `template_kwargs` (a request's chat_template_kwargs) are extra variables of the template;
+        one naming a variable the server sets (messages, the special tokens, ...) is a 400."""
         if chat_template and not self.config.trust_request_chat_template:
             raise APIError(400, "chat_template: this server does not render chat templates sent by clients "
                                 "(a template is code the server runs); its operator can allow them with "
@@ -132,6 +164,8 @@ class ServerState:
                 template, variables = await asyncio.to_thread(chat_template_inputs, *args)
             else:
                 template, variables = chat_template_inputs(*args)
+            if template_kwargs:
+                variables = variables | _extra_variables(template_kwargs, variables)
             text = await self.renderer.render(template, messages, variables, add_generation_prompt,
                                               self.config.chat_template_timeout_s, self.chat_template_max_chars)
         except RenderLimitError as exc:
@@ -140,7 +174,7 @@ class ServerState:
         except RuntimeError as exc:
             raise APIError(503, f"chat templates are unavailable: {exc}") from exc
         # The template already wrote any BOS it wants; do not let the tokenizer add a second one.
-        return await self.encode(text, add_special_tokens=False)
+        return ChatPrompt(await self.encode(text, add_special_tokens=False), text, template)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids of `text`, off the event loop when long (`sized_work`)."""

@@ -68,6 +68,24 @@ async function loadModel() {
   }
 }
 
+// The fold above a reply's answer that holds its thinking (delta.reasoning_content, from servers
+// that split <think> ... </think> out of the reply), made when the first thinking arrives. Folded
+// by default; its summary says whether the model is still thinking.
+function thinkingFold(bubble) {
+  let fold = bubble.querySelector("details.thinking");
+  if (!fold) {
+    fold = document.createElement("details");
+    fold.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking…";
+    const text = document.createElement("div");
+    text.className = "reasoning";
+    fold.append(summary, text);
+    bubble.insertBefore(fold, bubble.querySelector(".content"));
+  }
+  return fold;
+}
+
 // Yields the JSON payload of each `data:` event of an SSE body.
 async function* sseEvents(resp) {
   const reader = resp.body.getReader();
@@ -108,7 +126,7 @@ async function send(text) {
   setBusy(true);
   statusLine.textContent = "thinking…";
   const start = performance.now();
-  let first = null, reply = "", usage = null, stopped = false;
+  let first = null, reply = "", thought = "", usage = null, stopped = false;
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
@@ -119,12 +137,18 @@ async function send(text) {
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices || []) {
         const delta = (choice.delta && choice.delta.content) || "";
+        const thinking = (choice.delta && choice.delta.reasoning_content) || "";
+        if ((delta || thinking) && first === null) first = performance.now();
+        if (thinking) {
+          thought += thinking;
+          thinkingFold(bubble).querySelector(".reasoning").textContent = thought;
+        }
         if (delta) {
-          if (first === null) first = performance.now();
           reply += delta;
           content.textContent = reply;
-          log.scrollTop = log.scrollHeight;
+          if (thought) thinkingFold(bubble).querySelector("summary").textContent = "Thought";
         }
+        if (delta || thinking) log.scrollTop = log.scrollHeight;
       }
     }
   } catch (e) {
@@ -141,7 +165,8 @@ async function send(text) {
     }
   }
   const end = performance.now();
-  messages.push({ role: "assistant", content: reply });
+  messages.push({ role: "assistant", content: reply });  // the answer only: templates drop past thinking
+  if (thought) thinkingFold(bubble).querySelector("summary").textContent = "Thought";
   const meta = document.createElement("span");
   meta.className = "meta";
   const tokens = usage ? usage.completion_tokens : null;
