@@ -44,8 +44,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
                        match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, "
-                             r"MT5ForConditionalGeneration, MistralForCausalLM, Qwen2ForCausalLM, "
-                             r"T5ForConditionalGeneration"):
+                             r"MT5ForConditionalGeneration, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                             r"SmolLM3ForCausalLM, T5ForConditionalGeneration"):
         _load(tmp_path)
 
 
