@@ -141,3 +141,20 @@ def test_a_bad_cache_salt_is_a_400(client, salt):
     resp = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "cache_salt": salt})
     assert resp.status_code == 400, resp.text
     assert "cache_salt" in resp.text
+
+
+def test_tokenize_takes_the_limits_and_chat_template_kwargs(tiny_server_model):
+    template = "{{ greeting | default('') }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    with tiny_client(tiny_server_model, limits=LIMITS, chat_template=template) as c:
+        plain = c.post("/tokenize", json={"messages": USER}).json()
+        greeted = c.post("/tokenize", json={"messages": USER, "chat_template_kwargs": {"greeting": "Hello there"}})
+        assert greeted.status_code == 200, greeted.text
+        assert greeted.json()["tokens"] == c.post("/tokenize", json={"prompt": "Hello thereHi",
+                                                                     "add_special_tokens": False}).json()["tokens"]
+        assert greeted.json()["count"] > plain["count"]
+        assert_error(c.post("/tokenize", json={"messages": USER * 4}), 400, param="messages")
+        assert_error(c.post("/tokenize", json={"messages": USER, "chat_template_kwargs": {"k": "v" * 5000}}),
+                     400, param="chat_template_kwargs")
+        long_text = "word " * 20_000  # tokenized off the event loop: the same ids
+        resp = c.post("/tokenize", json={"prompt": long_text})
+        assert resp.json()["tokens"] == c.app.state.miaotui.tokenizer.encode(long_text)

@@ -24,6 +24,7 @@ from miaotui import __version__
 from miaotui.config import ServerConfig
 from miaotui.engine.async_engine import AsyncLLMEngine
 from miaotui.server.errors import APIError, bad_request, error_body, install_error_handlers
+from miaotui.server.limits import check_tokenize
 from miaotui.server.metrics import ServerMetrics
 from miaotui.server.openai_routes import add_openai_routes
 from miaotui.server.protocol import DetokenizeRequest, TokenizeRequest
@@ -214,12 +215,14 @@ def build_app(config: ServerConfig, engine_factory: Callable[[], AsyncLLMEngine]
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         state.require_tokenizer("tokenizing", "prompt" if body.prompt is not None else "messages")
+        check_tokenize(body, state.config.limits)
         try:
             if body.messages is not None:
-                ids = await state.chat_prompt_ids([m.as_template_message() for m in body.messages],
-                                                 body.add_generation_prompt)
+                prompt = await state.chat_prompt([m.as_template_message() for m in body.messages],
+                                                 body.add_generation_prompt, None, body.chat_template_kwargs)
+                ids = prompt.ids
             else:
-                ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+                ids = await state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as exc:
             raise bad_request(exc) from exc
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}

@@ -55,9 +55,13 @@ def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
         _over(limits, "max_logprobs", body.top_logprobs, "top_logprobs", "logprobs per token")
     if body.chat_template is not None:
         _over(limits, "max_chat_template_chars", len(body.chat_template), "chat_template", "characters")
-    if body.chat_template_kwargs:
+    _check_template_kwargs(body.chat_template_kwargs)
+
+
+def _check_template_kwargs(kwargs: dict | None) -> None:
+    if kwargs:
         # The body is already bounded (--max-body-bytes), so encoding it costs what parsing did.
-        size = len(json.dumps(body.chat_template_kwargs, ensure_ascii=False).encode())
+        size = len(json.dumps(kwargs, ensure_ascii=False).encode())
         if size > MAX_TEMPLATE_KWARGS_BYTES:
             raise APIError(400, f"chat_template_kwargs: {size} bytes of JSON is over the limit of "
                                 f"{MAX_TEMPLATE_KWARGS_BYTES}", param="chat_template_kwargs")
@@ -69,3 +73,4 @@ def check_messages(messages: list | None, limits: RequestLimits) -> None:
 
 def check_tokenize(body: TokenizeRequest, limits: RequestLimits) -> None:
     check_messages(body.messages, limits)
+    _check_template_kwargs(body.chat_template_kwargs)

@@ -203,6 +203,7 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # with messages, as on chat completions
 
 
 class DetokenizeRequest(_Body):
