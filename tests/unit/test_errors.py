@@ -44,7 +44,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
                        match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, "
-                             r"MT5ForConditionalGeneration, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                             r"MT5ForConditionalGeneration, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
                              r"SmolLM3ForCausalLM, T5ForConditionalGeneration"):
         _load(tmp_path)
 
@@ -53,10 +53,10 @@ def test_unsupported_rope_type_is_named(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama")
     cfg = json.loads((tmp_path / "config.json").read_text())
     for key in ("rope_scaling", "rope_parameters"):
-        cfg[key] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                    "long_factor": [1.0] * 8}
+        cfg[key] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 64}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises((UnsupportedModelError, ModelLoadError), match="longrope"):
+    with pytest.raises((UnsupportedModelError, ModelLoadError), match="yarn"):
         _load(tmp_path)
 
 

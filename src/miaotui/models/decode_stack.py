@@ -6,7 +6,8 @@ states are bit for bit the eager layers' (tests/unit/test_decode_stack.py). It s
 whose every token is a decode of an fp32 CPU model whose layers all run on miaotui's CPU
 kernels: 4-bit or int8 projections (`Int4Linear` "q4" / `Int8Linear` "q8"), no bias but
 Q/K/V's, the RMSNorm kernel, plain causal attention over fp32 or fp16 caches, RoPE in every layer and
-no Q/K norm. Anything else (prompt chunks, sliding windows, Qwen3's Q/K norm, SmolLM3's RoPE-less layers, torch's int4 kernel, a sharded model, --compile-decode) keeps the
+no Q/K norm. Anything else (prompt chunks, sliding windows, Qwen3's Q/K norm, SmolLM3's RoPE-less layers,
+Phi-4-mini's partial rotary, torch's int4 kernel, a sharded model, --compile-decode) keeps the
 layers' own forward.
 """
 
@@ -55,8 +56,10 @@ def _layer_tensors(layer: nn.Module, eps: float) -> list[torch.Tensor] | None:
     paged = attn.attn
     if paged.sliding_window is not None or paged.score_bias is not None or attn.head_dim % 8:
         return None
-    # The kernel rotates Q/K straight after the QKV matmul: no per-head norm, no layer without RoPE.
-    if getattr(attn, "qk_norm", False) or not getattr(attn, "use_rope", True):
+    # The kernel rotates Q/K straight after the QKV matmul: no per-head norm, no layer without RoPE,
+    # and whole heads (its rotate_half pairs channel i with i + head_dim/2, not i + rotary_dim/2).
+    if (getattr(attn, "qk_norm", False) or not getattr(attn, "use_rope", True)
+            or getattr(attn, "rotary_dim", attn.head_dim) != attn.head_dim):
         return None
     parts = [[_norm_weight(layer.input_layernorm, eps)], _linear_tensors(attn.qkv_proj, True),
              _linear_tensors(attn.o_proj, False), [_norm_weight(layer.post_attention_layernorm, eps)],

@@ -1,5 +1,7 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (QKV bias), Qwen3 (per-head
-Q/K RMSNorm before RoPE), SmolLM3 (RoPE skipped in the layers its config lists).
+Q/K RMSNorm before RoPE), SmolLM3 (RoPE skipped in the layers its config lists), Phi-3 / Phi-3.5 /
+Phi-4-mini (checkpoints already fused as qkv_proj / gate_up_proj, loaded as they are; longrope and
+partial rotary live in layers/rotary.py).
 
 Follows the paged model contract: `forward(input_ids [T], positions [T], meta)` over one flat,
 unpadded batch returns hidden states [T, hidden]; `compute_logits` maps only rows to sample.
@@ -20,7 +22,7 @@ from miaotui.kernels.cpu_build import cpu_op
 from miaotui.layers.activations import SiluAndMul
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import RMSNorm
-from miaotui.layers.rotary import RotaryEmbedding, apply_rotary, check_rope
+from miaotui.layers.rotary import RotaryEmbedding, apply_rotary, check_rope, rotary_dim
 from miaotui.layers.tensor_parallel import (RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                                             column_parallel, shard_slice)
 from miaotui.models.base import CausalLMHead
@@ -40,6 +42,10 @@ def _sliding_window(cfg: Any, layer: int) -> int | None:
     return window
 
 
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _uses_rope(cfg: Any, layer: int) -> bool:
     """SmolLM3's `no_rope_layers` holds one flag per layer, 1 where the layer DOES apply RoPE
     (transformers' SmolLM3Attention: `use_rope = config.no_rope_layers[layer_idx]`; its config
@@ -53,7 +59,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.head_dim = _head_dim(cfg)
+        self.rotary_dim = rotary_dim(cfg, self.head_dim)  # < head_dim: Phi-4-mini's partial rotary
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
@@ -127,7 +134,7 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"activation {act!r} is not supported for Llama-family models")
-        check_rope(cfg)
+        check_rope(cfg, _head_dim(cfg))
         flags = getattr(cfg, "no_rope_layers", None)
         if flags is not None and (len(flags) != cfg.num_hidden_layers or any(f not in (0, 1) for f in flags)):
             raise UnsupportedModelError(
