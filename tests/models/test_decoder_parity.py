@@ -20,6 +20,7 @@ from miaotui.loader import load_model, resolve_model
 from miaotui.request import Request
 from miaotui.runner.model_runner import ModelRunner
 from tests.conftest import make_tiny_checkpoint
+from tests.model_checks import hf_greedy_ids
 
 SMOLLM3_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # its defaults lie past vocab 256
 VARIANTS = {
@@ -127,9 +128,5 @@ def test_greedy_ids_match_transformers_for_32_tokens(checkpoint, embedded_gguf):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     hf_model.generation_config.eos_token_id = None
     for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            # An explicit mask: a random prompt may contain the pad id, which generate() would mask.
-            ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=32, do_sample=False, pad_token_id=0)
-        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == hf_greedy_ids(hf_model, prompt, 32)
         assert out.outputs[0].finish_reason == "length"

@@ -23,6 +23,7 @@ from miaotui.models.registry import model_class
 from miaotui.request import Request
 from miaotui.runner.model_runner import ModelRunner
 from miaotui.step_plan import ScheduledSeq, SchedulerOutput
+from tests.model_checks import assert_decode_stack_matches_layers, hf_greedy_ids
 
 ATOL = 1e-4
 TINY_PHI3 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -146,25 +147,14 @@ def test_greedy_ids_match_transformers_for_32_tokens(variant, embedded_gguf):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     hf_model.generation_config.eos_token_id = None
     for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=32, do_sample=False, pad_token_id=0)
-        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == hf_greedy_ids(hf_model, prompt, 32)
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="miaotui's CPU kernels do not build here")
 @pytest.mark.parametrize("overrides,served", [({}, True), ({"partial_rotary_factor": 0.75}, False)])
 def test_decode_stack_serves_full_rotary_and_declines_partial(tmp_path, embedded_gguf, overrides, served):
     folder, _ = _checkpoint(tmp_path, overrides)
-    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=64, quantization="int8",
-              max_model_len=128)
-    prompt = {"prompt_token_ids": list(range(20, 31))}
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    stacked = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-    model = llm.engine.runner.model
-    stack, model.decode_stack = model.decode_stack, None  # the layers' own forward: the reference
-    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == stacked
-    assert stack.enabled is served
+    assert_decode_stack_matches_layers(folder, embedded_gguf, served)
 
 
 def test_malformed_longrope_fails_fast():

@@ -18,6 +18,7 @@ from miaotui.models.llama import LlamaForCausalLM
 from miaotui.models.registry import model_class
 from tests.conftest import make_tiny_checkpoint
 from tests.gguf_writer import write_llama_gguf
+from tests.model_checks import assert_decode_stack_matches_layers
 from tests.models.test_gguf import assert_prompt_logits_match
 
 SMOLLM3_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -58,15 +59,7 @@ def test_smollm3_rope_layers_are_transformers_own(tmp_path):
 ])
 def test_decode_stack_declines_qk_norm_and_rope_less_layers(tmp_path, embedded_gguf, arch, overrides, served):
     folder, _ = make_tiny_checkpoint(tmp_path, arch, **overrides)
-    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=64, quantization="int8",
-              max_model_len=128)
-    prompt = {"prompt_token_ids": list(range(20, 31))}
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    stacked = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-    model = llm.engine.runner.model
-    stack, model.decode_stack = model.decode_stack, None  # the layers' own forward: the reference
-    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == stacked
-    assert stack.enabled is served
+    assert_decode_stack_matches_layers(folder, embedded_gguf, served)
 
 
 def test_bad_no_rope_layers_fail_fast(tmp_path):
