@@ -39,7 +39,7 @@ def gguf_name(hf_name: str) -> str:
 
 def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
                      tokenizer_from: str | None = None) -> Path:
-    """Write `hf_model` (a transformers LlamaForCausalLM, or Qwen2/Qwen3 with `arch` to match) to `path`.
+    """Write `hf_model` (a transformers LlamaForCausalLM, or Qwen2/Qwen3/SmolLM3 with `arch` to match) to `path`.
 
     quant_for(gguf_tensor_name) -> a GGMLQuantizationType name ("F32", "Q8_0", ...).
     tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
@@ -69,9 +69,10 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         w = tensor.detach().float().numpy()
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        permuted = arch in ("llama", "smollm3")  # llama.cpp's LlamaModel and its subclasses
+        if permuted and name.endswith("q_proj.weight"):
             w = llama_cpp_permute(w, cfg.num_attention_heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
         target = gguf_name(name)
         add_tensor(writer, target, w, quant_for(target))

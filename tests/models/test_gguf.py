@@ -114,8 +114,8 @@ def test_unsupported_quant_type_is_named(tmp_path):
 
 def test_unsupported_gguf_architecture_lists_supported(tmp_path):
     _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
-    path = write_llama_gguf(tmp_path / "phi.gguf", hf_model, lambda n: "F32", arch="phi3")
-    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*supported: llama, qwen2"):
+    path = write_llama_gguf(tmp_path / "falcon.gguf", hf_model, lambda n: "F32", arch="falcon")
+    with pytest.raises(UnsupportedModelError, match=r"'falcon'.*supported: llama, qwen2"):
         _ours(path)
 
 

@@ -80,6 +80,6 @@ def test_unsupported_architecture_messages_list_the_new_ones(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"Qwen3ForCausalLM.*SmolLM3ForCausalLM"):
         model_class(SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]))
     _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
-    path = write_llama_gguf(tmp_path / "phi.gguf", hf_model, lambda n: "F32", arch="phi3")
-    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*supported: llama, qwen2, qwen3"):
+    path = write_llama_gguf(tmp_path / "falcon.gguf", hf_model, lambda n: "F32", arch="falcon")
+    with pytest.raises(UnsupportedModelError, match=r"'falcon'.*supported: llama, qwen2, qwen3, phi3, smollm3"):
         load_model(resolve_model(str(path)), ModelConfig(model=str(path)))

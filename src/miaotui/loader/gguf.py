@@ -2,8 +2,9 @@
 
 Weights are dequantized to the compute dtype at load, except 4-bit blocks loaded for the int4
 path, which keep their codes (loader/gguf_quant.py). llama.cpp's converter permutes the rows
-of Q and K for its rotary layout ("llama" architecture only); we undo that so one model
-implementation serves both sources. For "gpt2" it stores the Conv1D projections transposed
+of Q and K for its rotary layout ("llama" and "smollm3" only: loader/gguf_names.py); we undo
+that so one model implementation serves both sources. Phi-3's longrope factor lists, stored as
+tensors, go into the config. For "gpt2" it stores the Conv1D projections transposed
 ([out, in]); they are handed on in Hugging Face's [in, out] layout (a view), like a checkpoint.
 For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpoint's order.
 """
@@ -11,7 +12,6 @@ For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpo
 from __future__ import annotations
 
 import numbers
-import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,73 +23,19 @@ import torch
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.kernels.cpu_build import cpu_kernels_available
 from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
-from miaotui.loader.gguf_config import LlamaFamilyConfig
+from miaotui.loader.gguf_config import llama_family_config
 from miaotui.loader.gguf_index import load_index, save_index
+from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
+                                      ROPE_FREQS, check_tensor_names)
+from miaotui.loader.gguf_names import hf_tensor_name as _hf_name
 from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                            "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "phi3", "smollm3")
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# GPT-2 (names as in Hugging Face's GPT2LMHeadModel; llama.cpp also writes the tied head).
-_GPT2_LAYER_NAMES = {
-    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
-    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
-    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
-    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
-    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
-    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
-}
-_GPT2_GLOBAL_NAMES = {
-    "token_embd.weight": "transformer.wte.weight",
-    "position_embd.weight": "transformer.wpe.weight",
-    "output_norm.weight": "transformer.ln_f.weight",
-    "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-# BLOOM: llama.cpp regroups query_key_value into [q heads | k heads | v heads] rows.
-_BLOOM_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
-    "attn_qkv.weight": "self_attention.query_key_value.weight",
-    "attn_qkv.bias": "self_attention.query_key_value.bias",
-    "attn_output.weight": "self_attention.dense.weight", "attn_output.bias": "self_attention.dense.bias",
-    "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_norm.bias": "post_attention_layernorm.bias",
-    "ffn_up.weight": "mlp.dense_h_to_4h.weight", "ffn_up.bias": "mlp.dense_h_to_4h.bias",
-    "ffn_down.weight": "mlp.dense_4h_to_h.weight", "ffn_down.bias": "mlp.dense_4h_to_h.bias",
-}
-_BLOOM_GLOBAL_NAMES = {
-    "token_embd.weight": "transformer.word_embeddings.weight",
-    "token_embd_norm.weight": "transformer.word_embeddings_layernorm.weight",
-    "token_embd_norm.bias": "transformer.word_embeddings_layernorm.bias",
-    "output_norm.weight": "transformer.ln_f.weight",
-    "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-_NAME_MAPS = {"gpt2": (_GPT2_GLOBAL_NAMES, _GPT2_LAYER_NAMES, "transformer.h"),
-              "bloom": (_BLOOM_GLOBAL_NAMES, _BLOOM_LAYER_NAMES, "transformer.h")}
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
-ROPE_FREQS = "rope_freqs.weight"  # llama3 per-dimension frequency divisors
 
 
 def check_magic(path: Path, kind: str = "model") -> None:
@@ -211,8 +157,10 @@ def _check_positive(path: Path, key: str, value: Any) -> None:
 
 def gguf_hf_config(reader: Any, path: Path) -> Any:
     """Build the config the GGUF metadata describes: transformers' for GPT-2 and BLOOM, our own
-    light one for the Llama family (loader/gguf_config.py: it keeps cold starts short)."""
+    light one for the Llama family (loader/gguf_config.py: it keeps cold starts short). Tensors
+    the architecture has no place for are refused here, before any weight loads."""
     arch = gguf_architecture(reader, path)
+    check_tensor_names(reader, arch, path)
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -264,11 +212,21 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
                           layer_norm_epsilon=meta("attention.layer_norm_epsilon", 1e-5),
                           bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
                           architectures=[SUPPORTED_ARCHITECTURES[arch]])
-    rope_scaling = None
-    if meta("rope.scaling.type") == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
     kwargs.pop("architectures")
-    return LlamaFamilyConfig(model_type=arch, rope_scaling=rope_scaling, **kwargs)
+    return llama_family_config(arch, kwargs, meta, _rope_factor_lists(reader, path), path)
+
+
+def _rope_factor_lists(reader: Any, path: Path) -> dict[str, list[float]]:
+    """Phi-3 longrope's long_factor / short_factor, which llama.cpp stores as tensors."""
+    lists = {}
+    for tensor in reader.tensors:
+        key = {ROPE_FACTORS_LONG: "long_factor", ROPE_FACTORS_SHORT: "short_factor"}.get(tensor.name)
+        if key is not None:
+            try:
+                lists[key] = dequantize(tensor).reshape(-1).tolist()
+            except (ValueError, IndexError) as exc:
+                raise ModelLoadError(f"{path}: tensor {tensor.name!r} is truncated or corrupt: {exc}") from exc
+    return lists
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -293,20 +251,18 @@ def dequantize(tensor: Any) -> np.ndarray:
 
 
 def hf_tensor_name(name: str, arch: str, path: Path) -> str:
-    """The Hugging Face name of GGUF tensor `name` (not rope_freqs, which is no parameter)."""
-    global_names, layer_names, layer_prefix = _NAME_MAPS.get(arch, (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
-    if name in global_names:
-        return global_names[name]
-    match = _LAYER.match(name)
-    if not match or match.group(2) not in layer_names:
-        raise ModelLoadError(f"{path}: unknown GGUF tensor {name!r}")
-    return f"{layer_prefix}.{match.group(1)}.{layer_names[match.group(2)]}"
+    """The Hugging Face name of GGUF tensor `name` (not a CONFIG_TENSORS one, which is no parameter)."""
+    hf_name = _hf_name(name, arch)
+    if hf_name is None:
+        raise ModelLoadError(f"{path}: unknown GGUF tensor {name!r} for architecture {arch!r}")
+    return hf_name
 
 
 def keeps_int4(arch: str) -> bool:
-    """Whether this architecture's 4-bit tensors can stay 4-bit (rows as the model wants them, no
-    transpose): the Llama family. GPT-2 and BLOOM weights are dequantized."""
-    return arch in ("llama", "qwen2", "qwen3")
+    """Whether this architecture's 4-bit tensors can stay 4-bit (rows as the model wants them once
+    un-permuted, no transpose): the Llama family, Phi-3's pre-fused QKV / gate-up included (their
+    rows are whole shards stacked, 4-bit groups run along a row). GPT-2 and BLOOM are dequantized."""
+    return arch in _LLAMA_FAMILY
 
 
 def lossy_linear_names(reader: Any, path: Path) -> set[str]:
@@ -330,7 +286,7 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
     table comes packed too (loader/gguf_quant.py); Q4_0 / Q4_1 ones come as Q4Blocks where miaotui's
     q4 kernel runs."""
     arch = _field(reader, "general.architecture")
-    permute = arch == "llama"
+    permute = arch in PERMUTED_QK
     gpt2 = arch == "gpt2"
     int4 = int4 and keeps_int4(arch)
     # Q4_0 / Q4_1 layer matrices go over as the q4 kernel's blocks (Q4Blocks) where that kernel
@@ -339,7 +295,7 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
     as_blocks = int4 and blk4 <= {"Q4_0", "Q4_1"} and cpu_kernels_available()
     for tensor in reader.tensors:
         name = tensor.name
-        if name == ROPE_FREQS:
+        if name in CONFIG_TENSORS:  # RoPE tables: in the config (Phi-3) or read by rope_freq_factors
             continue
         hf_name = hf_tensor_name(name, arch, path)
         kind = tensor.tensor_type.name
