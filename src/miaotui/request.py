@@ -72,6 +72,9 @@ class Request:
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(init=False, default_factory=list)
     num_computed_tokens: int = field(init=False, default=0)
     block_ids: list[int] = field(init=False, default_factory=list)
+    # Models with sliding-window layers beside full ones: one block table per window group
+    # (engine/window_kv.py), as long as block_ids, placeholders where blocks were released.
+    window_block_ids: list[list[int]] = field(init=False, default_factory=list)
     # Chained hashes of the full blocks of token_ids computed so far (prefix cache keys), and
     # how many of this request's blocks are registered in the prefix cache.
     block_hashes: list[bytes] = field(init=False, default_factory=list)  # kv_cache.hash_block keys

@@ -31,6 +31,8 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     # (src, dst) KV block copies the runner makes before the forward pass (forks).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # The same per window group (sliding-window layers), in the KV manager's group order.
+    window_block_copies: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,10 @@ stops against Scheduler + KVCacheManager, with a fake runner. After every rule t
 accounting must be exact; the fake runner also checks that every scheduled sequence finds its
 own prefix's K/V in its blocks (prefix hits, forks and copies included) and only writes blocks
 it holds alone. A small pool (25 blocks of 4 = one max_model_len sequence) forces preemption.
+
+WindowedSchedulerMachine runs the same program with a sliding-window KV group beside the full
+one (engine/window_kv.py): every scheduled sequence must also find its window's K/V in its
+window table, hold no more than the window bound there, and leave nothing held after teardown.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from miaotui.config import SchedulerConfig
 from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.engine.scheduler import Scheduler
+from miaotui.engine.window_kv import PLACEHOLDER
 from miaotui.request import Request, RequestStatus
+from miaotui.runner.kv_layout import max_held_blocks
 from miaotui.sampling_params import SamplingParams
 from tests.fake_kv import apply_block_copies
 
@@ -33,9 +39,12 @@ BASES = [[_rng.randint(1, 3) for _ in range(80)] for _ in range(3)]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    WINDOWS: tuple[tuple[int, int], ...] = ()  # (window, num_blocks) of each window KV group
+
     def __init__(self) -> None:
         super().__init__()
-        self.kv = KVCacheManager(NUM_BLOCKS, BS)
+        self.kv = KVCacheManager(NUM_BLOCKS, BS, windows=self.WINDOWS)
+        self.wslots: list[dict[tuple[int, int], int]] = [{} for _ in self.WINDOWS]
         config = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET)
         self.sched = Scheduler(config, self.kv)
         self.all: list[Request] = []
@@ -94,6 +103,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             victim = sched.requests[rid]
             assert victim.block_ids == [] and victim.num_computed_tokens == 0 and victim in sched.waiting
         apply_block_copies(self.slots, out.block_copies, bs)
+        assert len(out.window_block_copies) == len(self.WINDOWS)
+        for wslots, copies in zip(self.wslots, out.window_block_copies):
+            if copies:
+                event("fork with a window-group copy")
+            apply_block_copies(wslots, copies, bs)
         for s in out.seqs:
             r = s.request
             assert r.status is RequestStatus.RUNNING and r.request_id not in out.preempted
@@ -103,12 +117,23 @@ class SchedulerMachine(RuleBasedStateMachine):
             for p in range(s.start):
                 assert self.slots.get((r.block_ids[p // bs], p % bs)) == self._key(r, p), (
                     f"{r.request_id} reads wrong K/V at position {p}")
+            for group, wslots, table in zip(self.kv.windows, self.wslots, r.window_block_ids):
+                # The chunk's first query (position start) attends start - w + 1 .. start - 1.
+                for p in range(max(0, s.start - group.window + 1), s.start):
+                    assert table[p // bs] != PLACEHOLDER, f"{r.request_id}: window block of {p} was released"
+                    assert wslots.get((table[p // bs], p % bs)) == self._key(r, p), (
+                        f"{r.request_id} reads wrong window K/V at position {p}")
         for s in out.seqs:
             r = s.request
             for p in range(s.start, s.start + s.num_new_tokens):
                 block = r.block_ids[p // bs]
                 assert pool.ref_counts[block] == 1, f"{r.request_id} writes shared block {block}"
                 self.slots[(block, p % bs)] = self._key(r, p)
+                for group, wslots, table in zip(self.kv.windows, self.wslots, r.window_block_ids):
+                    wb = table[p // bs]
+                    assert wb != PLACEHOLDER and group.pool.ref_counts[wb] == 1, (
+                        f"{r.request_id} writes window block {wb}, shared or released")
+                    wslots[(wb, p % bs)] = self._key(r, p)
         sampled = {s.request.request_id: (EOS if rng.random() < eos_rate else rng.randint(1, 3))
                    for s in out.seqs if s.samples}
         for r in sched.update(out, sampled):
@@ -197,6 +222,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.kv.num_free_blocks + used == NUM_BLOCKS
         for h, b in pool.cached.items():
             assert pool.block_hash[b] == h
+        self._check_window_accounting(live)
         for r in self.sched.running:
             assert r.status is RequestStatus.RUNNING and r.request_id in self.sched.requests
             assert r.num_computed_tokens <= len(r.block_ids) * BS
@@ -211,6 +237,34 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._check_stop_rules(r)
             if r.status.finished:
                 self.settled.add(r.request_id)  # a finished request never changes again
+
+    def _check_window_accounting(self, live: set[int]) -> None:
+        """Each window pool's ref counts equal the held (non-placeholder) entries of live tables;
+        placeholders form a prefix of a table as long as block_ids; the held count is bounded."""
+        for g, group in enumerate(self.kv.windows):
+            gp = group.pool
+            holders = [0] * gp.num_blocks
+            bound = max_held_blocks(group.window, BUDGET, BS)
+            for r in self.all:
+                if not r.block_ids:
+                    assert r.window_block_ids == [], f"{r.request_id} keeps window tables without blocks"
+                    continue
+                table = r.window_block_ids[g]
+                assert len(table) == len(r.block_ids)
+                held = [b for b in table if b != PLACEHOLDER]
+                assert table[len(table) - len(held):] == held, f"{r.request_id}: placeholders are not a prefix"
+                if len(held) < len(table):
+                    event("window blocks released")
+                assert len(set(held)) == len(held)
+                assert len(held) <= bound, f"{r.request_id} holds {len(held)} window blocks (bound {bound})"
+                for b in held:
+                    holders[b] += 1
+            assert gp.ref_counts == holders
+            assert PLACEHOLDER not in gp.free and gp.ref_counts[PLACEHOLDER] == 0
+            for b in range(PLACEHOLDER + 1, gp.num_blocks):
+                assert (b in gp.free) == (gp.ref_counts[b] == 0)
+            for h, b in gp.cached.items():
+                assert gp.block_hash[b] == h
 
     @staticmethod
     def _check_stop_rules(r: Request) -> None:
@@ -245,6 +299,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not self.sched.requests
         assert self.kv.num_free_blocks == NUM_BLOCKS
         assert all(c == 0 for c in self.kv.pool.ref_counts)
+        for group in self.kv.windows:
+            assert group.pool.num_free == group.pool.num_blocks - 1  # all but the placeholder
+            assert all(c == 0 for c in group.pool.ref_counts)
 
 
 # 20 runs x 50 rules = 1,000 operations, the same ones every time. No shrink phase: shrinking
@@ -256,3 +313,14 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_scheduler_kv_state_machine = SchedulerMachine.TestCase
+
+
+class WindowedSchedulerMachine(SchedulerMachine):
+    """The same program with a window-8 KV group of 14 blocks (13 usable) beside the full pool:
+    one request holds at most ceil((8 + 24) / 4) + 1 = 9 there, so two long ones contend."""
+
+    WINDOWS = ((8, 14),)
+
+
+WindowedSchedulerMachine.TestCase.settings = SchedulerMachine.TestCase.settings
+test_scheduler_kv_state_machine_with_window_group = WindowedSchedulerMachine.TestCase

@@ -1,100 +1,40 @@
-"""KV block pool with prefix caching, and per-request block accounting.
+"""Per-request KV block accounting over the block pools of the model's KV groups.
+
+The full-attention group (every layer of most models) is `pool`, and `request.block_ids` is its
+table. A model that mixes sliding-window and full-attention layers also has one WindowGroup per
+window (engine/window_kv.py), with `request.window_block_ids[g]` its table in group g: those
+tables release the blocks behind the window, so the sliding layers' memory per request stops
+growing at about window + chunk tokens. Every operation here acts on all groups at once: a
+request is admitted, grown, forked and freed in every group or in none.
 
 Invariants:
-- A block is either free (ref count 0, in `free`, oldest first) or held (ref count = number of
-  requests whose `block_ids` list it).
-- A full block whose K/V is computed may carry a hash chained over every token before it (and
-  the request's cache salt). Free blocks keep their hash and stay findable through `cached`
-  until they are reused, so freeing never throws computed work away; reuse takes the block that
-  was freed longest ago (LRU).
+- The blocks of a request are in `pool` held once per listing (see block_pool.py); every table
+  of a request has one entry per block of its computed and allocated tokens.
 - The last, partial block of a request is never shared; forking a request copies it.
+- A prefix hit is taken only as long as every group holds exact K/V for it: the full group its
+  whole prefix, a window group the window before its end.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict
-
+from miaotui.engine.block_pool import BlockPool, hash_block
+from miaotui.engine.window_kv import PLACEHOLDER, WindowGroup
 from miaotui.request import Request
 
-
-def hash_block(parent: bytes | None, tokens: tuple[int, ...], salt: str | None) -> bytes:
-    """Chained block key: BLAKE2b over the previous block's key, the salt and this block's tokens.
-
-    A cryptographic hash, so equal keys mean equal salted prefixes: no client can craft a prompt
-    whose blocks take another's K/V (Python's 64-bit `hash()` of a tuple, used before, can be
-    made to collide). Each part is framed (presence byte, length) so no two inputs concatenate
-    to the same bytes."""
-    h = hashlib.blake2b(digest_size=32)
-    h.update(b"\x00" if parent is None else b"\x01" + parent)
-    if salt is None:
-        h.update(b"\x00")
-    else:
-        encoded = salt.encode("utf-8", "surrogatepass")
-        h.update(b"\x01" + len(encoded).to_bytes(8, "little") + encoded)
-    h.update(array("q", tokens).tobytes())  # fixed width: token ids are < 2**63
-    return h.digest()
-
-
-class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cached: dict[bytes, int] = {}  # block key -> block id
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self.free)} free")
-        blocks = []
-        for _ in range(n):
-            block, _ = self.free.popitem(last=False)
-            self._evict(block)
-            self.ref_counts[block] = 1
-            blocks.append(block)
-        return blocks
-
-    def _evict(self, block: int) -> None:
-        h = self.block_hash[block]
-        if h is not None:
-            if self.cached.get(h) == block:
-                del self.cached[h]
-            self.block_hash[block] = None
-
-    def touch(self, blocks: list[int]) -> None:
-        """Take another reference to blocks (cache hits, forks); free ones leave the free queue."""
-        for b in blocks:
-            if self.ref_counts[b] == 0:
-                del self.free[b]
-            self.ref_counts[b] += 1
-
-    def release(self, blocks: list[int]) -> None:
-        # Reversed, so a chain's tail is evicted before its head: the head is the likelier hit.
-        for b in reversed(blocks):
-            if self.ref_counts[b] <= 0:
-                raise RuntimeError(f"KV block {b} freed twice")
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                self.free[b] = None
-
-    def register(self, block: int, h: bytes) -> None:
-        if self.block_hash[block] is None:
-            self.block_hash[block] = h
-            self.cached.setdefault(h, block)
+__all__ = ["BlockPool", "KVCacheManager", "hash_block"]
 
 
 class KVCacheManager:
-    """Gives requests the blocks their next tokens need; takes them back when they stop."""
+    """Gives requests the blocks their next tokens need; takes them back when they stop.
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    `windows`: (window, num_blocks) of each sliding-window group beside the full one; empty for
+    a model whose layers all attend alike (then nothing here touches a window group)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 windows: tuple[tuple[int, int], ...] = ()) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.windows = [WindowGroup(w, n, block_size) for w, n in windows]
         self.enable_prefix_caching = enable_prefix_caching
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for the runner
         self.prefix_hit_tokens = 0
@@ -119,42 +59,73 @@ class KVCacheManager:
         return hashes[:num_full]
 
     def find_cached_prefix(self, request: Request) -> list[int]:
-        """Blocks holding the longest cached prefix of a request that has none yet. At least one
-        token is always left to compute, since its logits are needed to sample."""
+        """Full-group blocks of the longest cached prefix of a request that has none yet, cut to
+        what every window group can serve too. At least one token is always left to compute,
+        since its logits are needed to sample."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        for h in self._block_hashes(request, max_blocks):
+        hashes = self._block_hashes(request, max_blocks)
+        for h in hashes:
             block = self.pool.cached.get(h)
             if block is None:
                 break
             hits.append(block)
+        for group in self.windows:
+            if not hits:
+                break
+            del hits[group.usable_hits(hashes, len(hits)):]
         return hits
 
+    def _window_tables(self, request: Request, num_hits: int) -> list[list[int]]:
+        hashes = request.block_hashes[:num_hits]
+        return [g.hit_table(hashes, num_hits) for g in self.windows]
+
     def can_admit(self, request: Request, hits: list[int], num_new_tokens: int) -> bool:
-        """Whether taking `hits` and then allocating for `num_new_tokens` more fits in the pool."""
+        """Whether taking `hits` and then allocating for `num_new_tokens` more fits in every group."""
         need = self.blocks_needed(len(hits) * self.block_size + num_new_tokens) - len(hits)
         hits_now_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        return need <= self.pool.num_free - hits_now_free
+        if need > self.pool.num_free - hits_now_free:
+            return False
+        for group, table in zip(self.windows, self._window_tables(request, len(hits))):
+            now_free = sum(1 for b in group.held(table) if group.pool.ref_counts[b] == 0)
+            if need > group.pool.num_free - now_free:
+                return False
+        return True
 
     def admit(self, request: Request, hits: list[int]) -> None:
         """Give a waiting request its cached prefix; it starts computing after it."""
         self.pool.touch(hits)
         request.block_ids = list(hits)
+        request.window_block_ids = self._window_tables(request, len(hits))
+        for group, table in zip(self.windows, request.window_block_ids):
+            group.pool.touch(group.held(table))
         request.num_cached_blocks = len(hits)
         request.num_computed_tokens = len(hits) * self.block_size
         self.prefix_hit_tokens += request.num_computed_tokens
         self.prefix_query_tokens += request.num_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Ensure blocks for `num_computed_tokens + num_new_tokens`; False (nothing taken) if short."""
-        need = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        """Ensure blocks for `num_computed_tokens + num_new_tokens`; False (nothing taken) if short.
+        Window groups first release what no query from `num_computed_tokens` on can attend."""
+        computed = request.num_computed_tokens
+        tables = request.window_block_ids
+        if not tables and not request.block_ids and self.windows:
+            tables = request.window_block_ids = [[] for _ in self.windows]  # a request never admitted
+        if len(tables) != len(self.windows):
+            raise RuntimeError(f"request {request.request_id} has {len(tables)} window block tables for "
+                               f"{len(self.windows)} window groups: it was not admitted or forked by this manager")
+        for group, table in zip(self.windows, tables):
+            group.release_behind(table, computed)
+        need = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids)
         if need <= 0:
             return True
-        if need > self.pool.num_free:
+        if need > self.pool.num_free or any(need > g.pool.num_free for g in self.windows):
             return False
         request.block_ids.extend(self.pool.allocate(need))
+        for group, table in zip(self.windows, tables):
+            table.extend(group.pool.allocate(need))
         return True
 
     def cache_computed_blocks(self, request: Request) -> None:
@@ -167,16 +138,22 @@ class KVCacheManager:
         hashes = self._block_hashes(request, num_full)
         for i in range(request.num_cached_blocks, num_full):
             self.pool.register(request.block_ids[i], hashes[i])
+        # A window entry is released only after its block was computed, and so registered by
+        # an earlier call; placeholders are skipped all the same (they hold no one's K/V).
+        for group, table in zip(self.windows, request.window_block_ids):
+            for i in range(request.num_cached_blocks, num_full):
+                if table[i] != PLACEHOLDER:
+                    group.pool.register(table[i], hashes[i])
         request.num_cached_blocks = num_full
 
     def fork(self, src: Request, dst: Request) -> bool:
         """Give `dst` the K/V of `src`'s computed tokens: full blocks shared, the partial last
-        block copied (the copy is queued for the runner). False, with nothing taken, if no block
-        is free for the copy."""
+        block copied (the copy is queued for the runner). False, with nothing taken, if some
+        group has no block free for the copy."""
         n = src.num_computed_tokens
         num_full = n // self.block_size
         partial = n % self.block_size != 0
-        if partial and self.pool.num_free < 1:
+        if partial and (self.pool.num_free < 1 or any(g.pool.num_free < 1 for g in self.windows)):
             return False
         shared = src.block_ids[:num_full]
         self.pool.touch(shared)
@@ -185,6 +162,7 @@ class KVCacheManager:
             (copy,) = self.pool.allocate(1)
             self.pending_copies.append((src.block_ids[num_full], copy))
             dst.block_ids.append(copy)
+        dst.window_block_ids = [g.fork_table(t, n) for g, t in zip(self.windows, src.window_block_ids)]
         dst.num_computed_tokens = n
         dst.num_cached_blocks = min(src.num_cached_blocks, num_full)
         dst.block_hashes = list(src.block_hashes[:num_full])
@@ -194,7 +172,18 @@ class KVCacheManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
+    def take_window_copies(self) -> list[list[tuple[int, int]]]:
+        """Each window group's queued fork copies (src, dst), in group order; [] without groups."""
+        return [g.take_copies() for g in self.windows]
+
+    def window_held_blocks(self, request: Request) -> list[int]:
+        """How many blocks the request holds in each window group (for tests and stats)."""
+        return [len(g.held(t)) for g, t in zip(self.windows, request.window_block_ids)]
+
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
+        for group, table in zip(self.windows, request.window_block_ids):
+            group.pool.release(group.held(table))
         request.block_ids = []
+        request.window_block_ids = []
         request.num_cached_blocks = 0

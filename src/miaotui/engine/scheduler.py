@@ -128,6 +128,7 @@ class Scheduler:
                 out.seqs.append(ScheduledSeq(request, request.num_computed_tokens, num_new))
                 budget -= num_new
         out.block_copies = self.kv.take_copies()
+        out.window_block_copies = self.kv.take_window_copies()
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
