@@ -91,10 +91,11 @@ class LLMEngine:
         runner_cls = ModelRunner
         if model_config.tensor_parallel_size > 1:
             from miaotui.runner.tensor_parallel import TensorParallelRunner as runner_cls
-        self.runner = runner_cls(self.model, model_config, cache_config, self.max_model_len)
+        self.runner = runner_cls(self.model, model_config, cache_config, self.max_model_len,
+                                 scheduler_config.max_num_batched_tokens)
         settle_after_load()
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
-                                 cache_config.enable_prefix_caching)
+                                 cache_config.enable_prefix_caching, windows=self.runner.kv_windows)
         self.scheduler = Scheduler(scheduler_config, self.kv)
         self._parents: dict[str, _ParentRequest] = {}
         self._beam_groups: dict[str, BeamGroup] = {}

@@ -76,6 +76,9 @@ class AttentionMetadata:
     decode: DecodeBatch | None = None  # set by build_decode_batch for the batched backend
     cross: CrossAttentionBatch | None = None  # encoder-decoder models: the encoder K/V of each sequence
     blocks_checked: bool = False  # block_tables checked against the cache size (check_block_tables)
+    # Models with sliding-window KV groups: each window's own metadata (its slots and tables in
+    # that group's block ids; the same lengths), used by the layers of that window.
+    windows: dict[int, AttentionMetadata] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -200,6 +203,8 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache is not bound; the model runner binds it before the first step")
+        if meta.windows is not None and self.sliding_window in meta.windows:
+            meta = meta.windows[self.sliding_window]  # this layer's KV group has its own tables
         if not meta.blocks_checked and not torch.compiler.is_compiling():
             # Once per step (the first layer): later layers share the step's metadata. Skipped
             # inside a compiled graph, whose steps the runner checks in build_decode_batch.

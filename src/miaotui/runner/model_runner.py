@@ -20,6 +20,7 @@ from miaotui.layers.attention import AttentionMetadata, build_decode_batch
 from miaotui.layers.cross_attention import CrossAttentionBatch, query_layout, stack_encoder_kv
 from miaotui.layers.quantized import has_low_bit_weights
 from miaotui.runner.compiled_decode import CompiledDecode
+from miaotui.runner.kv_layout import KVGroup, log_kv_layout, plan_kv_layout
 from miaotui.sample.prompt_logprobs import PromptLogprob, score_tokens
 from miaotui.sample.sampler import Sampler, SamplerOutput
 
@@ -40,13 +41,6 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device, qu
         raise ValueError(f"kv_cache_dtype {name}: a cache dtype other than the model's ({model_dtype}) "
                          f"is supported on the CPU only, not on {device.type}")
     return dtype
-
-
-def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    per_layer = sum(
-        2 * block_size * attn.num_kv_heads * attn.head_dim for attn in model.attention_layers()
-    )
-    return per_layer * torch.empty((), dtype=dtype).element_size()
 
 
 def default_kv_cache_gib(device: torch.device) -> float:
@@ -79,6 +73,19 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     new_blocks: list[int] = field(default_factory=list)
+    windows: list[WindowInputs] = field(default_factory=list)  # one per window KV group; [] for most models
+
+
+@dataclass(slots=True)
+class WindowInputs:
+    """One sliding-window KV group's share of a step, in its own block ids: where the new
+    tokens' K/V goes, each sequence's table (placeholders where blocks were released), blocks
+    used for the first time, fork copies (src, dst)."""
+
+    slots: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    new_blocks: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -102,41 +109,45 @@ def prompt_logprob_positions(seq: ScheduledSeq) -> range:
 
 
 class ModelRunner:
+    # Whether sliding-window layers get KV groups of their own (the tensor-parallel runner's
+    # step diffs carry one block table per sequence, so it keeps every block in one group).
+    supports_window_groups = True
+
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int) -> None:
+                 max_model_len: int, max_num_batched_tokens: int | None = None) -> None:
         self.model = model
         self.device = torch.device(model_config.device)
         self.dtype = model_config.dtype
         self.kv_dtype = kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype, self.device,
                                        has_low_bit_weights(model))
         self.block_size = cache_config.block_size
-        min_blocks = -(-max_model_len // self.block_size)
-        block_bytes = kv_bytes_per_block(model, self.block_size, self.kv_dtype)
-        if cache_config.num_blocks is not None:
-            num_blocks = cache_config.num_blocks
-        else:
-            gib = cache_config.kv_cache_memory_gib or default_kv_cache_gib(self.device)
-            num_blocks = int(gib * 2**30) // block_bytes
-        if num_blocks < min_blocks:
-            raise ValueError(
-                f"KV cache of {num_blocks} blocks x {self.block_size} tokens cannot hold one "
-                f"sequence of max_model_len={max_model_len}; raise the KV cache size or lower max_model_len"
-            )
-        self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); %.1f sequences of "
-                    "max_model_len=%d fit at once", num_blocks, self.block_size, num_blocks * self.block_size,
-                    num_blocks * block_bytes / 2**30, str(self.kv_dtype).removeprefix("torch."), num_blocks * self.block_size / max_model_len,
-                    max_model_len)
-        for attn in model.attention_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-            attn.v_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        budget = 0.0
+        if cache_config.num_blocks is None:
+            budget = (cache_config.kv_cache_memory_gib or default_kv_cache_gib(self.device)) * 2**30
+        self.kv_layout = plan_kv_layout(model, self.block_size, self.kv_dtype, num_blocks=cache_config.num_blocks,
+                                        budget_bytes=budget, max_model_len=max_model_len,
+                                        max_chunk=max_num_batched_tokens or max_model_len,
+                                        with_windows=self.supports_window_groups)
+        log_kv_layout(self.kv_layout, self.block_size, max_model_len, self.kv_dtype)
+        self.num_blocks = self.kv_layout.primary.num_blocks
+        # (window, num_blocks) of each sliding-window group: the KV manager's `windows`.
+        self.kv_windows = tuple((g.window, g.num_blocks) for g in self.kv_layout.windows)
+        for group in self.kv_layout.groups:
+            for attn in group.layers:
+                shape = (group.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+                attn.k_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+                attn.v_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         # Invariant: every block a step reads holds finite numbers. Batched decode attention
-        # reads whole blocks (and block 0 as padding) and masks the unwritten slots, but a masked
-        # NaN from uninitialised memory would still poison the softmax-weighted sum (0 * NaN).
-        # Zeroing the whole cache up front would commit all its pages at once, so each block is
-        # zeroed the first time a step uses it; reused blocks keep finite old values.
-        self._zeroed = bytearray(num_blocks)
+        # reads whole blocks (and block 0 as padding; window groups read block 0 for released
+        # blocks too) and masks the unwritten slots, but a masked NaN from uninitialised memory
+        # would still poison the softmax-weighted sum (0 * NaN). Zeroing the whole cache up front
+        # would commit all its pages at once, so each block is zeroed the first time a step uses
+        # it; reused blocks keep finite old values. One flag array per group (ids are per group).
+        self._zeroed = bytearray(self.num_blocks)
+        self._window_zeroed = [bytearray(g.num_blocks) for g in self.kv_layout.windows]
+        for g, zeroed in zip(self.kv_layout.windows, self._window_zeroed):
+            zeroed[0] = 1
+            self._zero_group_blocks(g, [0])
         self._zero_new_blocks([0])
         self.sampler = Sampler(model_config.seed, self.device)
         self.compiled_decode = CompiledDecode(model) if model_config.compile_decode else None
@@ -172,7 +183,33 @@ class ModelRunner:
             if scored:
                 first = inputs.query_start[-2]  # the row of position seq.start
                 inputs.prompt_rows.extend(range(first, first + scored))
+        if self._window_zeroed:
+            inputs.windows = self._window_inputs(sched)
         return inputs
+
+    def _window_inputs(self, sched: SchedulerOutput) -> list[WindowInputs]:
+        """step_inputs' slots, tables and fresh blocks again in each window group's block ids."""
+        bs = self.block_size
+        groups = []
+        for g, zeroed in enumerate(self._window_zeroed):
+            copies = list(sched.window_block_copies[g]) if sched.window_block_copies else []
+            win = WindowInputs(block_copies=copies)
+            used = [b for pair in copies for b in pair]
+            for seq in sched.seqs:
+                tables = seq.request.window_block_ids
+                if len(tables) != len(self._window_zeroed):
+                    raise RuntimeError(
+                        f"request {seq.request.request_id} has {len(tables)} window block tables but the model has "
+                        f"{len(self._window_zeroed)} sliding-window KV groups: give the KV manager the runner's kv_windows")
+                blocks = tables[g]
+                used += blocks
+                win.slots.extend(blocks[p // bs] * bs + p % bs for p in range(seq.start, seq.start + seq.num_new_tokens))
+                win.block_tables.append(list(blocks))
+            win.new_blocks = list(dict.fromkeys(b for b in used if not zeroed[b]))
+            for b in win.new_blocks:
+                zeroed[b] = 1
+            groups.append(win)
+        return groups
 
     def _tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -188,15 +225,33 @@ class ModelRunner:
             query_start_loc_list=inputs.query_start,
         )
         meta.decode = build_decode_batch(meta, self.block_size, self.num_blocks)
+        if inputs.windows:
+            meta.windows = {g.window: self._window_meta(meta, win, g.num_blocks)
+                            for g, win in zip(self.kv_layout.windows, inputs.windows)}
         ids = torch.tensor(inputs.input_ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(inputs.positions, dtype=torch.int64, device=dev)
         return ids, positions, meta
 
+    def _window_meta(self, meta: AttentionMetadata, win: WindowInputs, num_blocks: int) -> AttentionMetadata:
+        """A window group's metadata: its own slots and tables, the step's lengths and offsets."""
+        tables = torch.zeros(len(win.block_tables), max(map(len, win.block_tables)), dtype=torch.int64)
+        for i, blocks in enumerate(win.block_tables):
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        sub = AttentionMetadata(
+            slot_mapping=torch.tensor(win.slots, dtype=torch.int64, device=self.device),
+            block_tables=tables.to(self.device), seq_lens=meta.seq_lens, query_start_loc=meta.query_start_loc,
+            seq_lens_list=meta.seq_lens_list, query_start_loc_list=meta.query_start_loc_list)
+        sub.decode = build_decode_batch(sub, self.block_size, num_blocks)
+        return sub
+
     def _zero_blocks(self, blocks: list[int]) -> None:
+        self._zero_group_blocks(self.kv_layout.primary, blocks)
+
+    def _zero_group_blocks(self, group: KVGroup, blocks: list[int]) -> None:
         if not blocks:
             return
         index = torch.tensor(blocks, dtype=torch.int64, device=self.device)
-        for attn in self.model.attention_layers():
+        for attn in group.layers:
             attn.k_cache.index_fill_(0, index, 0.0)
             attn.v_cache.index_fill_(0, index, 0.0)
 
@@ -230,6 +285,9 @@ class ModelRunner:
         # never zeroed again (a later step would otherwise wipe the copied K/V).
         self._zero_blocks(inputs.new_blocks)
         self.copy_blocks(inputs.block_copies)
+        for group, win in zip(self.kv_layout.windows, inputs.windows):
+            self._zero_group_blocks(group, win.new_blocks)
+            self._copy_group_blocks(group, win.block_copies)
         if not inputs.input_ids:
             self._cross_stack = None  # nothing runs: let finished requests' encoder K/V go
             return None
@@ -253,12 +311,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy whole KV blocks src -> dst in every layer (forks: copy-on-write of a partial block)."""
+        """Copy whole KV blocks src -> dst in every layer of the primary group (forks:
+        copy-on-write of a partial block)."""
+        self._copy_group_blocks(self.kv_layout.primary, copies)
+
+    def _copy_group_blocks(self, group: KVGroup, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for attn in self.model.attention_layers():
+        for attn in group.layers:
             attn.k_cache.index_copy_(0, dst, attn.k_cache.index_select(0, src))
             attn.v_cache.index_copy_(0, dst, attn.v_cache.index_select(0, src))
 

@@ -144,7 +144,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
     step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
     bind_group(model, step_group)
-    runner = ModelRunner(model, model_config, cache_config, max_model_len)
+    runner = _WorkerRunner(model, model_config, cache_config, max_model_len)
     settle_after_load()
     decoder = StepDiffDecoder(cache_config.block_size)
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
@@ -161,11 +161,20 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
         dist.destroy_process_group()
 
 
+class _WorkerRunner(ModelRunner):
+    supports_window_groups = False  # as the driver's: one KV group, one block table per sequence
+
+
 class TensorParallelRunner(ModelRunner):
-    """Rank 0: a ModelRunner over the driver's shard that also drives the worker ranks."""
+    """Rank 0: a ModelRunner over the driver's shard that also drives the worker ranks.
+
+    Sliding-window layers keep every block here (one KV group): the step diffs carry one block
+    table per sequence."""
+
+    supports_window_groups = False
 
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int) -> None:
+                 max_model_len: int, max_num_batched_tokens: int | None = None) -> None:
         world = model_config.tensor_parallel_size
         if not str(model_config.device).startswith("cuda"):
             configure_threads(model_config.threads, world)  # the cores are shared by all ranks
