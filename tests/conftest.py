@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+# Gemma: 4 layers, local (window 8) and global; head_dim 16 != hidden / heads; query_pre_attn_scalar
+# 24 != head_dim, so the attention scale is Gemma's own. Gemma 2 soft-caps attention and logits.
+_GEMMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
+              query_pre_attn_scalar=24, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+TINY_GEMMA2 = dict(_GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=1.5)
+TINY_GEMMA3 = dict(_GEMMA, rope_parameters={
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
 TINY_BLOOM = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
 # d_kv * num_heads (32) != d_model (64): the attention inner width differs from the model width.
@@ -52,25 +62,36 @@ def _untie_t5_head(model, folder: Path) -> None:
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
     """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | qwen3 | smollm3 |
-    gpt2 | bloom | t5) to `folder`. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
+    gemma2 | gemma3 | gpt2 | bloom | t5) to `folder`. Gemma's norm weights (zero at init: a factor
+    of 1 + w = 1) are made random, so the (1 + w) offset is exercised. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
-    from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    from transformers import (BloomConfig, BloomForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                              Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                               SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5ForConditionalGeneration)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
                "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
-               "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration)}
+               "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration),
+               "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}
     config_cls, model_cls = classes[arch]
     untied_head = overrides.pop("untied_head", False)
     torch.manual_seed(seed)
-    base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM, "t5": TINY_T5}.get(arch, TINY)
+    base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM, "t5": TINY_T5, "gemma2": TINY_GEMMA2,
+            "gemma3": TINY_GEMMA3}.get(arch, TINY)
     config = config_cls(**{**base, **overrides})
+    if arch.startswith("gemma"):
+        config._attn_implementation = "eager"  # the reference for soft-capping (SDPA cannot cap)
     model = model_cls(config).eval()
     if arch == "t5":
         _sharpen_t5(model)
+    if arch.startswith("gemma"):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.5)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     if untied_head:

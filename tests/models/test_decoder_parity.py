@@ -3,7 +3,8 @@
 Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy ids match for
 32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2, Qwen3
 (Q/K norm; head_dim 32 != hidden / heads; with and without biases), SmolLM3 (RoPE-less layers) and
-GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
+Gemma 2 (soft-capped attention and logits) and Gemma 3 ((1 + w) norms, local and global layers with their
+own RoPE, Q/K norm), GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
 (ALiBi; 6 heads exercise the slopes beyond a power of two).
 """
 
@@ -40,6 +41,9 @@ VARIANTS = {
     # Layers 1 and 3 (every 2nd) skip RoPE; layer 2 too, by an explicit per-layer list.
     "smollm3-interval": ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 2, **SMOLLM3_IDS}),
     "smollm3-list": ("smollm3", {"num_hidden_layers": 3, "no_rope_layers": [1, 0, 0], **SMOLLM3_IDS}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
+    "gemma3-window-16-mha": ("gemma3", {"sliding_window": 16, "num_key_value_heads": 4}),
     "gpt2": ("gpt2", {}),
     "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
                                   "n_inner": 96}),
@@ -62,7 +66,7 @@ def _runner(folder):
     config = ModelConfig(model=str(folder))
     model, hf_config = load_model(resolve_model(str(folder)), config)
     runner = ModelRunner(model, config, CacheConfig(block_size=4, num_blocks=64), 256)
-    return runner, KVCacheManager(64, 4)
+    return runner, KVCacheManager(64, 4, windows=runner.kv_windows)  # sliding-window layers' own groups
 
 
 def test_logits_match_at_prefill_and_16_decode_steps(checkpoint):

@@ -20,6 +20,7 @@ PROMPTS = [[5, 9, 200], list(range(3, 20)), list(range(40, 81)), [7] * 9]
 @pytest.mark.parametrize("arch,overrides", [
     ("llama", {}),                                             # GQA: 4 query heads, 2 KV heads -> 2 + 1 per rank
     ("qwen2", {"tie_word_embeddings": False, "vocab_size": 251}),  # QKV bias, own head, vocab not divisible by 2
+    ("gemma2", {}),  # (1 + w) norms, soft-capped attention and logits, local and global layers
 ])
 def test_tp2_matches_one_process(arch, overrides, tmp_path, embedded_gguf):
     folder, _ = make_tiny_checkpoint(tmp_path / arch, arch, **overrides)

@@ -32,3 +32,12 @@ class SiluAndMul(nn.Module):
             return self._cpu_kernel(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """gelu_tanh(gate) * up of a fused gate/up projection [..., 2I] (gate first): Gemma's MLP
+    (`hidden_activation` gelu_pytorch_tanh)."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

@@ -31,3 +31,31 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w and the layer scales by (1 + w), all in fp32 and
+    rounded to the input dtype once at the end (transformers' Gemma3RMSNorm). The fp32 factor
+    1 + w is made once, at the first call after loading (weights never change after that)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__(hidden_size, eps)
+        self._factor: torch.Tensor | None = None
+        self._factor_of: tuple[int, int] | None = None  # (weight object, its storage) the factor was made from
+
+    def factor(self) -> torch.Tensor:
+        key = (id(self.weight), self.weight.data_ptr())  # a new parameter (loading) or a move (.to) remakes it
+        if self._factor is None or self._factor_of != key:
+            self._factor = 1.0 + self.weight.detach().float()
+            self._factor_of = key
+        return self._factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self.factor()
+        if (self._cpu_rms_norm is not None and x.dtype is torch.float32 and x.device.type == "cpu"
+                and x.is_contiguous()):
+            return self._cpu_rms_norm(x, factor, self.eps)
+        if _FUSED_RMS_NORM is not None:
+            return _FUSED_RMS_NORM(x.float(), factor.shape, factor, self.eps).to(x.dtype)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * factor).to(x.dtype)

@@ -36,9 +36,29 @@ def read_hf_config(folder: Path) -> Any:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has no config.json{_no_config_hint(folder)}")
     try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
         raise ModelLoadError(f"{folder}/config.json cannot be read: {exc}") from exc
+    return language_model_config(config)
+
+
+# Image-text checkpoints whose language model miaotui runs on its own (text in, text out).
+_TEXT_OF_MULTIMODAL = ("Gemma3ForConditionalGeneration",)
+
+
+def language_model_config(config: Any) -> Any:
+    """For an image-text checkpoint (Gemma 3 4B and up), its `text_config`, which holds what the
+    engine reads (vocabulary, context, layers), under the checkpoint's architecture name and with
+    the token ids its top level names; any other config as it is."""
+    archs = list(getattr(config, "architectures", None) or [])
+    text = getattr(config, "text_config", None)
+    if text is None or not any(arch in _TEXT_OF_MULTIMODAL for arch in archs):
+        return config
+    text.architectures = archs
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text, key, None) is None and getattr(config, key, None) is not None:
+            setattr(text, key, getattr(config, key))
+    return text
 
 
 def safetensors_files(folder: Path) -> list[Path]:

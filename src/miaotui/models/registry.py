@@ -8,12 +8,16 @@ from torch import nn
 
 from miaotui.errors import UnsupportedModelError
 from miaotui.models.bloom import BloomForCausalLM
+from miaotui.models.gemma import GemmaForCausalLM
 from miaotui.models.gpt2 import GPT2LMHeadModel
 from miaotui.models.llama import LlamaForCausalLM
 from miaotui.models.t5 import T5ForConditionalGeneration
 
 _MODELS: dict[str, type[nn.Module]] = {
     "BloomForCausalLM": BloomForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its language model; images are not read
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
