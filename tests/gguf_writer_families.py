@@ -1,5 +1,5 @@
-"""Write tiny GGUF files of Phi-3 (and later families) as llama.cpp's convert_hf_to_gguf does, and
-the quantization round trip that a reference model is given to match a quantized file."""
+"""Write tiny GGUF files of Phi-3 and Gemma 2 / 3 as llama.cpp's convert_hf_to_gguf does, and the
+quantization round trip that a reference model is given to match a quantized file."""
 
 from __future__ import annotations
 
@@ -20,6 +20,23 @@ PHI3_LAYER_MAP = {
 }
 GLOBAL_MAP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
+
+
+GEMMA_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
 
 def _target(name: str, layer_map: dict[str, str]) -> str:
@@ -68,6 +85,50 @@ def write_phi3_gguf(path: Path, hf_model, quant_for) -> Path:
             continue
         target = _target(name, PHI3_LAYER_MAP)
         add_any(writer, target, tensor.detach().float().numpy(), quant_for(target))
+    return finish(writer, path)
+
+
+def write_gemma_gguf(path: Path, hf_model, quant_for) -> Path:
+    """A transformers Gemma2ForCausalLM / Gemma3ForCausalLM as llama.cpp writes it: every norm scale
+    stored as 1 + w, Q/K rows as they are, the tied head left out; Gemma 3's global-layer linear
+    RoPE scaling as rope.scaling.*."""
+    import gguf
+
+    cfg = hf_model.config
+    arch = "gemma3" if cfg.model_type.startswith("gemma3") else "gemma2"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_file_type(1)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_vocab_size(cfg.vocab_size)
+    _add_special_ids(writer, cfg)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        full = cfg.rope_parameters["full_attention"]
+        writer.add_rope_freq_base(float(full["rope_theta"]))
+        if full.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+        if cfg.final_logit_softcapping:
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = tensor.detach().float().numpy()
+        if name.endswith("norm.weight"):
+            w = w + 1.0
+        target = _target(name, GEMMA_LAYER_MAP)
+        add_any(writer, target, w, quant_for(target))
     return finish(writer, path)
 
 

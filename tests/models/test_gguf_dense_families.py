@@ -1,9 +1,9 @@
-"""GGUF files of Phi-3 and SmolLM3 (and, below, Gemma 2 / 3) written as llama.cpp's converter writes
-them, from tiny random transformers models: the weights and fp32 logits match transformers' own GGUF
-loader where it reads the architecture (phi3), else the checkpoint given the file's quantization
-round trip (smollm3: Q/K rows un-permuted, every fourth layer without RoPE); greedy ids match;
-4-bit layers stay 4-bit (Phi-3's fused QKV and gate/up too); what cannot be served is refused
-before anything loads."""
+"""GGUF files of Phi-3, SmolLM3, Gemma 2 and Gemma 3 written as llama.cpp's converter writes them,
+from tiny random transformers models: the weights and fp32 logits match transformers' own GGUF
+loader where it reads the architecture (phi3; gemma2 / gemma3, given the checkpoint's config), else
+the checkpoint given the file's quantization round trip (smollm3: Q/K rows un-permuted, every fourth
+layer without RoPE; Phi-3 longrope); greedy ids match; 4-bit layers stay 4-bit (Phi-3's fused QKV
+and gate/up too); what cannot be served is refused before anything loads."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.config import ModelConfig
+from miaotui.config import CacheConfig, ModelConfig
+from miaotui.engine.kv_cache import KVCacheManager
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.layers.quantized import Int4Linear, quantization_supported
 from miaotui.loader import load_model, resolve_model
+from miaotui.request import Request
+from miaotui.runner.model_runner import ModelRunner
+from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 from tests.gguf_writer import add_tensor, finish, write_llama_gguf
 from tests.gguf_writer_families import roundtrip, write_phi3_gguf
 from tests.model_checks import hf_greedy_ids
-from tests.models.test_gguf import assert_prompt_logits_match
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -40,6 +43,23 @@ def _quants(matrix: str):
 
 def _ours(path, quantization: str = "none"):
     return load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization=quantization))
+
+
+def assert_prompt_logits_match(model, path, reference, num_tokens: int) -> None:
+    """Our next-token logits after a random prompt (one prefill through the paged runner) are within
+    1e-4 of `reference`'s (a transformers model)."""
+    ids = torch.randint(0, 256, (num_tokens,)).tolist()
+    runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=8, num_blocks=64), 512)
+    # Models with sliding-window layers keep those layers' KV in groups of their own, which the
+    # KV manager must be given where the runner has them.
+    windows = {"windows": runner.kv_windows} if getattr(runner, "kv_windows", ()) else {}
+    kv = KVCacheManager(64, 8, **windows)
+    req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
+    assert kv.allocate_slots(req, len(ids))
+    ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1]
+    assert (ours - expected).abs().max().item() <= 1e-4
 
 
 def _greedy(path, prompt: list[int], n: int, quantization: str = "none") -> list[int]:
@@ -236,3 +256,101 @@ def test_rope_scaling_the_engine_does_not_compute_is_refused_by_name(tmp_path, m
     path = _smollm3_file_with(tmp_path, monkeypatch, yarn)
     with pytest.raises(UnsupportedModelError, match=r"RoPE type 'yarn' is not supported"):
         _ours(path)
+
+
+# --- Gemma 2 / Gemma 3 -----------------------------------------------------------------------------
+
+def _gemma(kind: str, folder, **overrides):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    # head_dim 16 (and its query scale), a window of 8 that 19-token prompts run past; Gemma 3 with
+    # six layers has one global layer, whose RoPE is scaled linearly as on the 4B+ models.
+    base = dict(TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True)
+    if kind == "gemma2":
+        config, cls = Gemma2Config(**{**base, **overrides}), Gemma2ForCausalLM
+    else:
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        config = Gemma3TextConfig(**{**base, "num_hidden_layers": 6, "rope_parameters": rope, **overrides})
+        cls = Gemma3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():  # norm scales away from 0, so a missed (1 + w) shift shows
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("matrix", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_weights_logits_and_greedy_ids_match_transformers_gguf_loader(tmp_path, kind, matrix):
+    """Norms come back as w from the file's 1 + w, Q/K rows as stored; the config carries the layer
+    pattern, window, query scale, softcaps and per-layer-type RoPE. transformers' GGUF loader is given
+    the checkpoint's config (its own reads neither the query scale nor Gemma 3's RoPE scaling)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_writer_families import write_gemma_gguf
+
+    hf_model = _gemma(kind, tmp_path / "hf")
+    path = write_gemma_gguf(tmp_path / f"{kind}.gguf", hf_model, _quants(matrix))
+    model, cfg = _ours(path)
+    hf_cfg = hf_model.config
+    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "head_dim", "final_logit_softcapping",
+                "attn_logit_softcapping", "rope_parameters", "tie_word_embeddings", "num_hidden_layers"):
+        assert getattr(cfg, key) == getattr(hf_cfg, key), key
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, config=hf_cfg,
+                                               dtype=torch.float32).eval()
+    ref_sd = ref.state_dict()
+    ours = dict(model.named_parameters())
+    attn = model.model.layers[1].self_attn
+    q, k, _ = ours["model.layers.1.self_attn.qkv_proj.weight"].split([attn.q_size, attn.kv_size, attn.kv_size])
+    assert torch.equal(q, ref_sd["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(k, ref_sd["model.layers.1.self_attn.k_proj.weight"])
+    norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    names = [f"model.layers.0.{n}.weight" for n in norms] + ["model.norm.weight", "model.embed_tokens.weight"]
+    if kind == "gemma3":
+        names += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
+    for name in names:
+        assert torch.equal(ours[name], ref_sd[name]), name
+    if matrix == "F32":  # the file's 1 + w gives w back up to float rounding
+        assert torch.allclose(ours["model.layers.0.input_layernorm.weight"],
+                              hf_model.state_dict()["model.layers.0.input_layernorm.weight"], atol=1e-6)
+    torch.manual_seed(0)
+    assert_prompt_logits_match(model, path, ref, 19)
+    prompt = list(range(30, 47))
+    assert _greedy(path, prompt, 10) == hf_greedy_ids(ref, prompt, 10)
+
+
+@int4_only
+def test_gemma3_q4_0_stays_4bit_with_the_files_greedy_ids(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_writer_families import write_gemma_gguf
+
+    hf_model = _gemma("gemma3", tmp_path / "hf")
+    path = write_gemma_gguf(tmp_path / "gemma3.gguf", hf_model, _quants("Q4_0"))
+    int4, _ = _ours(path, quantization="int4")
+    assert isinstance(int4.model.layers[0].self_attn.qkv_proj, Int4Linear)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, config=hf_model.config,
+                                               dtype=torch.float32).eval()
+    prompt = list(range(30, 47))
+    assert _greedy(path, prompt, 8, "int4") == hf_greedy_ids(ref, prompt, 8)
+
+
+@pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 144), ("gemma2", 42, 256), ("gemma3", 62, 168),
+                                                         ("gemma3", 34, 256)])
+def test_gemma_query_scale_follows_llama_cpp(arch, layers, scalar):
+    """The 27B models (46 / 62 layers) scale queries by hidden / heads, the others by the head size,
+    as llama.cpp (and the checkpoints' query_pre_attn_scalar) do; the files do not say which."""
+    from miaotui.loader.gguf_config import gemma_config
+
+    hidden, heads = {("gemma2", 46): (4608, 32), ("gemma3", 62): (5376, 32)}.get((arch, layers), (2560, 8))
+    meta_values = {"attention.key_length": 128 if scalar != 256 else 256, "attention.sliding_window": 1024}
+    kwargs = dict(vocab_size=256, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)
+    cfg = gemma_config(arch, kwargs, lambda key, default=None: meta_values.get(key, default), None)
+    assert cfg.query_pre_attn_scalar == scalar

@@ -7,6 +7,7 @@ that so one model implementation serves both sources. Phi-3's longrope factor li
 tensors, go into the config. For "gpt2" it stores the Conv1D projections transposed
 ([out, in]); they are handed on in Hugging Face's [in, out] layout (a view), like a checkpoint.
 For "bloom" it regroups query_key_value by q/k/v; it is handed on in the checkpoint's order.
+For "gemma2" / "gemma3" it stores every RMSNorm scale as 1 + w; w is handed on, as checkpoints hold it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.kernels.cpu_build import cpu_kernels_available
 from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
-from miaotui.loader.gguf_config import llama_family_config
+from miaotui.loader.gguf_config import gemma_config, llama_family_config
 from miaotui.loader.gguf_index import load_index, save_index
 from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
                                       ROPE_FREQS, check_tensor_names)
@@ -33,8 +34,10 @@ from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                            "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                           "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
                            "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
 _LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "phi3", "smollm3")
+_GEMMA = ("gemma2", "gemma3")
 
 
 
@@ -213,6 +216,10 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
                           bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
                           architectures=[SUPPORTED_ARCHITECTURES[arch]])
     kwargs.pop("architectures")
+    if arch in _GEMMA:
+        if embd is not None:  # the table's own rows (Gemma 3's are padded past the tokenizer's)
+            kwargs["vocab_size"] = int(embd.shape[-1])
+        return gemma_config(arch, kwargs, meta, path)
     return llama_family_config(arch, kwargs, meta, _rope_factor_lists(reader, path), path)
 
 
@@ -261,8 +268,9 @@ def hf_tensor_name(name: str, arch: str, path: Path) -> str:
 def keeps_int4(arch: str) -> bool:
     """Whether this architecture's 4-bit tensors can stay 4-bit (rows as the model wants them once
     un-permuted, no transpose): the Llama family, Phi-3's pre-fused QKV / gate-up included (their
-    rows are whole shards stacked, 4-bit groups run along a row). GPT-2 and BLOOM are dequantized."""
-    return arch in _LLAMA_FAMILY
+    rows are whole shards stacked, 4-bit groups run along a row), and Gemma 2 / 3 (stored as the
+    checkpoint's rows). GPT-2 and BLOOM are dequantized."""
+    return arch in _LLAMA_FAMILY or arch in _GEMMA
 
 
 def lossy_linear_names(reader: Any, path: Path) -> set[str]:
@@ -328,6 +336,8 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
             array = array.T  # back to Conv1D's [in, out], as the model's loader expects
         elif arch == "bloom" and ".query_key_value." in hf_name:
             array = _bloom_interleave_qkv(array, hf_config.n_head)
+        elif arch in _GEMMA and name.endswith("norm.weight"):
+            array = array - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales; the model takes w
         yield hf_name, torch.from_numpy(array)
 
 

@@ -5,6 +5,8 @@ Importing transformers' LlamaConfig / Qwen2Config pulls in its model-loading sta
 tensors, dynamo: ~2.5 s and ~160 MB on a 2-core machine), most of a cold start on a small GGUF,
 while the file's metadata already says everything. This dataclass carries exactly the attributes
 the Llama model, the rotary tables and the engine read, with transformers' meanings and defaults.
+Gemma 2 / 3 files get transformers' own Gemma2Config / Gemma3TextConfig (`gemma_config`), with
+what llama.cpp fixes in code rather than in the file (layer pattern, local RoPE base, Q scaling).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miaotui.errors import ModelLoadError
+from miaotui.errors import ModelLoadError, UnsupportedModelError
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
@@ -101,3 +103,62 @@ def llama_family_config(arch: str, kwargs: dict[str, Any], meta: Callable[..., A
         extra["no_rope_layers"] = [int((i + 1) % SMOLLM3_NO_ROPE_INTERVAL != 0)
                                    for i in range(kwargs["num_hidden_layers"])]
     return LlamaFamilyConfig(model_type=arch, rope_scaling=rope_scaling, **kwargs, **extra)
+
+
+# Layers per sliding-window period (the last of each period is global), fixed in llama.cpp's code
+# for these architectures as in transformers' configs: Gemma 2 alternates, Gemma 3 has five local
+# layers per global one.
+_GEMMA_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+# The 27B models scale queries by 1/sqrt(hidden / heads) instead of 1/sqrt(head size) (transformers'
+# query_pre_attn_scalar 144 / 168); llama.cpp tells them by their layer count.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_config(arch: str, kwargs: dict[str, Any], meta: Callable[..., Any], path: Path) -> Any:
+    """transformers' Gemma2Config / Gemma3TextConfig of a gemma2 / gemma3 file, from the shared
+    sizes in `kwargs` and the `arch.`-prefixed metadata (`meta(key, default)`)."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    hidden, heads, layers = kwargs["hidden_size"], kwargs["num_attention_heads"], kwargs["num_hidden_layers"]
+    head_dim = meta("attention.key_length") or hidden // heads
+    if meta("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedModelError(f"{path}: {arch}.attention.value_length {meta('attention.value_length')} differs "
+                                    f"from key_length {head_dim}; miaotui's Gemma has one head size")
+    if meta("attention.scale") is not None:  # a file that states its query scale 1/sqrt(s)
+        query_scalar = 1.0 / float(meta("attention.scale")) ** 2
+    else:
+        query_scalar = hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
+    period = _GEMMA_SWA_PERIOD[arch]
+    layer_types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+    common = dict(
+        vocab_size=kwargs["vocab_size"], hidden_size=hidden, intermediate_size=kwargs["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kwargs["num_key_value_heads"],
+        head_dim=head_dim, max_position_embeddings=kwargs["max_position_embeddings"],
+        rms_norm_eps=kwargs["rms_norm_eps"], query_pre_attn_scalar=query_scalar, layer_types=layer_types,
+        tie_word_embeddings=kwargs["tie_word_embeddings"], bos_token_id=kwargs["bos_token_id"],
+        eos_token_id=kwargs["eos_token_id"],
+        final_logit_softcapping=meta("final_logit_softcapping"),
+    )
+    scaling = _rope_scaling(meta)
+    if arch == "gemma2":
+        if scaling is not None:
+            raise UnsupportedModelError(f"{path}: gemma2 with rope.scaling.type {scaling['rope_type']!r} is not served")
+        return Gemma2Config(
+            **{**common, "final_logit_softcapping": meta("final_logit_softcapping", 30.0)},
+            attn_logit_softcapping=meta("attn_logit_softcapping", 50.0),
+            sliding_window=meta("attention.sliding_window", 4096),
+            rope_parameters={"rope_type": "default", "rope_theta": float(kwargs["rope_theta"])},
+            architectures=["Gemma2ForCausalLM"])
+    if meta("attn_logit_softcapping"):
+        raise UnsupportedModelError(f"{path}: gemma3.attn_logit_softcapping is set; Gemma 3 has none")
+    # rope.scaling (linear, factor 8 on the 4B+ models) applies to the global layers only; the local
+    # ones keep base 10000 (rope.freq_base_swa where a newer converter writes it) unscaled.
+    full = {"rope_type": "default", "rope_theta": float(kwargs["rope_theta"])}
+    if scaling is not None:
+        full.update({k: v for k, v in scaling.items() if v is not None})
+    local = {"rope_type": "default", "rope_theta": float(meta("rope.freq_base_swa", 10000.0))}
+    if meta("attention.sliding_window") is None:
+        raise ModelLoadError(f"{path}: gemma3 GGUF metadata lacks gemma3.attention.sliding_window")
+    return Gemma3TextConfig(**common, sliding_window=meta("attention.sliding_window"),
+                            rope_parameters={"full_attention": full, "sliding_attention": local},
+                            architectures=["Gemma3ForCausalLM"])

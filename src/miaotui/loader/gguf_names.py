@@ -108,6 +108,9 @@ ROPE_FREQS = "rope_freqs.weight"  # llama3 per-dimension frequency divisors
 ROPE_FACTORS_LONG = "rope_factors_long.weight"
 ROPE_FACTORS_SHORT = "rope_factors_short.weight"
 CONFIG_TENSORS = frozenset({ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT})  # no parameter of the model
+# Which of them each architecture reads (rope_freqs divides the single rotary table of the Llama family).
+_READS = {"llama": {ROPE_FREQS}, "qwen2": {ROPE_FREQS}, "qwen3": {ROPE_FREQS}, "smollm3": {ROPE_FREQS},
+          "phi3": {ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT}}
 
 # llama.cpp's converter permutes the rows of Q and K for its interleaved rotary layout only where
 # the architecture runs llama.cpp's "normal" RoPE (LlamaModel and its subclasses with undo_permute);
@@ -129,7 +132,8 @@ def hf_tensor_name(name: str, arch: str) -> str | None:
 def check_tensor_names(reader: Any, arch: str, path: Path) -> None:
     """Every tensor of the file is a parameter or a RoPE table miaotui reads (checked before any
     weight loads): a tensor nothing would read means a model variant this loader does not serve."""
-    extra = [t.name for t in reader.tensors if t.name not in CONFIG_TENSORS and hf_tensor_name(t.name, arch) is None]
+    reads = _READS.get(arch, set())
+    extra = [t.name for t in reader.tensors if t.name not in reads and hf_tensor_name(t.name, arch) is None]
     if extra:
         shown = ", ".join(repr(n) for n in extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
         raise UnsupportedModelError(
