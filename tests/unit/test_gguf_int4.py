@@ -175,3 +175,35 @@ def test_int4_weight_rows_fill_a_fused_layer():
     whole.rows(2, 2).copy_(part)
     assert (whole.codes[2:4] == 3).all() and (whole.scale[2:4] == 1).all()
     assert whole.rows(0, 6).shape == (6, 64)
+
+
+@pytest.mark.parametrize("q4_blocks", [True, False])
+def test_fused_qkv_of_4_bit_q_k_and_a_wider_v_loads_int8(tmp_path, monkeypatch, q4_blocks):
+    """llama.cpp's Q4_K_M keeps attn_q / attn_k 4-bit and stores attn_v as Q6_K in some layers:
+    the fused qkv_proj of such a layer is filled dense and runs int8 (a matrix stored with more
+    than 4 bits is not cut to 4); the other layers stay 4-bit. Both 4-bit forms: Q4Blocks (the
+    q4 kernel's, where it builds) and Int4Weight (Q4_K's, and every 4-bit type without it)."""
+    from miaotui.kernels.cpu_build import cpu_kernels_available
+
+    if q4_blocks and not cpu_kernels_available():
+        pytest.skip("the q4 kernel is not built here")
+    if not q4_blocks:
+        import miaotui.loader.gguf as gguf_loader
+
+        monkeypatch.setattr(gguf_loader, "cpu_kernels_available", lambda: False)
+
+    def quant_for(name: str) -> str:
+        if "norm" in name or name in ("token_embd.weight", "output.weight"):
+            return "F32"
+        return "Q8_0" if name == "blk.0.attn_v.weight" else "Q4_0"
+
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama", tie_word_embeddings=False)
+    path = str(write_llama_gguf(tmp_path / "mixed.gguf", hf_model, quant_for))
+    model, _ = load_model(resolve_model(path), ModelConfig(model=path))
+    dense, _ = load_model(resolve_model(path), ModelConfig(model=path, quantization="none"))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Int8Linear)
+    assert isinstance(model.model.layers[1].self_attn.qkv_proj, Int4Linear)
+    x = torch.randn(3, hf_model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    ref = dense.model.layers[0].self_attn.qkv_proj(x)
+    torch.testing.assert_close(qkv(x).float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

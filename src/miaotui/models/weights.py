@@ -7,7 +7,8 @@ or Q8_0 blocks as stored) is collected the same way and, at `finish`, its module
 nn.Linear by an Int4Linear (with the linear's bias, loaded by then), an nn.Embedding by a
 PackedEmbedding. A 4-bit weight is packed into its Int4Linear as soon as it is complete, so the
 unpacked codes (2.5x the packed size) of only one matrix are alive at a time; a Q4Blocks weight
-(a GGUF file's Q4_0 / Q4_1, already in the kernel's layout) is never unpacked at all.
+(a GGUF file's Q4_0 / Q4_1, already in the kernel's layout) is never unpacked at all. A fused
+weight whose shards arrive some 4-bit and some not is filled dense.
 """
 
 from __future__ import annotations
@@ -82,7 +83,15 @@ class WeightSink:
         if isinstance(packed, Int4Linear):
             raise ModelLoadError(f"checkpoint tensor {source!r}: {name} is already complete (a repeated shard)")
         if (packed is not None) != isinstance(tensor, Int4Packed) or (packed is not None and type(packed) is not type(tensor)):
-            raise ModelLoadError(f"checkpoint tensor {source!r}: the shards of {name} mix 4-bit and other storage")
+            # Mixed shards: llama.cpp's Q4_K_M keeps Q and K 4-bit but stores attn_v as Q6_K in
+            # some layers. The fused weight then goes dense (the 4-bit rows dequantized), and the
+            # loader quantizes it to int8 as any matrix stored with more than 4 bits.
+            if packed is not None:
+                self._set(name, packed.dequantized().to(device=self.device, dtype=self.dtype))
+                del self.packed[name]
+                packed, param = None, self.params[name]
+            if isinstance(tensor, Int4Packed):
+                tensor = tensor.dequantized()
         if packed is not None:
             rows = packed.rows(offset, tensor.shape[0])
         else:
