@@ -3,11 +3,12 @@ quantized, with an fp16 KV cache as llama.cpp's default; the same with --compile
 with an fp32 KV cache; the fp32 reference path) vs llama.cpp (llama-cpp-python)
 vs transformers, 2 threads each.
 
-    python benchmarks/cpu_peers.py [--threads 2]
+    python benchmarks/cpu_peers.py [--threads 2] [--model FILE.gguf]
         [--sides miaotui,miaotui-compiled,miaotui-kv32,miaotui-fp32,llama.cpp,transformers]
 
 Each side runs in its own child process (its own peak RSS), one after the other, on the
-embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
+embedded SmolLM2-135M-Instruct Q4_1 GGUF, or the GGUF file --model names (e.g. a random-weight
+Q4_K_M file of a real shape from benchmarks/make_gguf.py), and the same token-id prompts:
   cold start   process start -> first generated token of a 16-token prompt (imports, load,
                tokenizer, first forward);
   pp512        512-token prompt -> 1 token, tokens/s, best of 3;
@@ -18,6 +19,13 @@ embedded SmolLM2-135M-Instruct Q4_1 GGUF and the same token-id prompts:
   peak RSS     of the child process.
 EOS is banned for every side so all produce exactly the asked number of tokens. llama.cpp runs
 from `.bench-venv` (benchmarks/peer_venv.py makes it on first use), never from the package's own venv.
+
+The prompts are ids from the file's own tokenizer (text encoded, or random ids where it has none),
+checked to lie inside its vocabulary and outside its special tokens. Before any side is timed,
+this process loads that tokenizer and indexes the file, so miaotui's caches of both are as after
+any earlier load: a cold start here is a process start, not a first-ever conversion. A side that
+cannot run the file (transformers on an architecture or type it does not read) is skipped with
+the last line of its error.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_prompts import work_prompts
 from peer_venv import llama_cpp_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +48,16 @@ SIDES = ("miaotui", "miaotui-compiled", "miaotui-kv32", "miaotui-fp32", "llama.c
 
 
 def _rss_mib() -> float:
+    """This process's peak RSS. Not ru_maxrss: Linux carries the high-water mark of the image
+    that called exec into it, and with subprocess's vfork that image is the parent's, so a small
+    side would report the parent's peak (its tokenizer and GGUF reads) instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -70,8 +89,10 @@ def side_miaotui(work: dict, threads: int, quantization: str, compile_decode: bo
     from miaotui import LLM, SamplingParams
 
     # No prefix cache: repeated timing runs of one prompt must compute it again, as the peers do.
-    llm = LLM(quantization=quantization, max_num_seqs=16, enable_prefix_caching=False,
-              compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype)
+    # max_model_len 2048 as llama.cpp's n_ctx: a file's own context (Qwen3's 40,960) would ask a
+    # KV pool one whole sequence of that length fits in, which the work here never uses.
+    llm = LLM(work["model"], quantization=quantization, max_num_seqs=16, enable_prefix_caching=False,
+              compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype, max_model_len=2048)
     greedy = dict(temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": work["short"]}, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
     print("FIRST_TOKEN", flush=True)
@@ -176,17 +197,22 @@ def _run_side(name: str, work_file: str, threads: int) -> dict:
     python = llama_cpp_python() if name == "llama.cpp" else sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
-    proc = subprocess.Popen([python, __file__, "--side", name, "--work", work_file, "--threads", str(threads)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
-    result: dict = {}
-    for line in proc.stdout:
-        if line.startswith("FIRST_TOKEN"):
-            result["cold_start_s"] = time.perf_counter() - start
-            print(f"{name}: first token after {result['cold_start_s']:.2f} s; measuring ...", file=sys.stderr)
-        elif line.startswith("RESULT "):
-            result.update(json.loads(line[7:]))
-    if proc.wait() != 0 or "pp512_tok_s" not in result:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode})")
+    # The child's stderr goes to a file, not a pipe nobody reads (a full pipe would stall it),
+    # so a failed side can say why.
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([python, __file__, "--side", name, "--work", work_file, "--threads", str(threads)],
+                                stdout=subprocess.PIPE, stderr=errors, text=True, env=env, cwd=ROOT)
+        result: dict = {}
+        for line in proc.stdout:
+            if line.startswith("FIRST_TOKEN"):
+                result["cold_start_s"] = time.perf_counter() - start
+                print(f"{name}: first token after {result['cold_start_s']:.2f} s; measuring ...", file=sys.stderr)
+            elif line.startswith("RESULT "):
+                result.update(json.loads(line[7:]))
+        if proc.wait() != 0 or "pp512_tok_s" not in result:
+            errors.seek(0)
+            lines = [ln.strip() for ln in errors.read().splitlines() if ln.strip()]
+            raise RuntimeError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no error output'}")
     return result
 
 
@@ -194,6 +220,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--model", help="a GGUF file to run instead of the embedded SmolLM2 Q4_1 one")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -206,25 +233,24 @@ def main() -> int:
          "llama.cpp": lambda: side_llama_cpp(work, args.threads),
          "transformers": lambda: side_transformers(work, args.threads)}[args.side]()
         return 0
+    if args.model and not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file (a GGUF file; benchmarks/make_gguf.py writes some)")
 
-    from miaotui.bench.throughput import make_prompts
     from miaotui.loader.default_model import embedded_model_path
-    from miaotui.tokenizer import load_tokenizer
 
-    gguf = embedded_model_path()
-    tok = load_tokenizer(gguf, True)
-    work = {"gguf": gguf, "short": make_prompts(tok, 1, 16, seed=1)[0], "long": make_prompts(tok, 1, 512, seed=2)[0],
-            "batch": make_prompts(tok, 16, 128, seed=3), "special_ids": sorted(set(tok.all_special_ids))}
+    work = {"model": args.model, **work_prompts(args.model or embedded_model_path())}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(work, f)
-    results = {}
+    results, skipped = {}, []
     for name in [s for s in args.sides.split(",") if s]:
         try:
             results[name] = _run_side(name, f.name, args.threads)
         except RuntimeError as exc:
-            print(f"{name}: skipped ({exc})", file=sys.stderr)
+            skipped.append(f"{name}: skipped ({exc})")
+            print(skipped[-1], file=sys.stderr)
     os.unlink(f.name)
     names = list(results)
+    print(f"\n{work['about']}; {args.threads} threads")
     rows = [("cold start to first token (s)", "cold_start_s", False), ("pp512 (tok/s)", "pp512_tok_s", True),
             ("batch-1 decode, 128 tokens (tok/s)", "decode_tok_s", True),
             ("16 x 128 in / 128 out (output tok/s)", "batch_out_tok_s", True), ("peak RSS (MiB)", "peak_rss_mib", False),
@@ -245,6 +271,8 @@ def main() -> int:
                     ratios.append(f"{(value / ref if higher else ref / value):.2f}x")
         print(f"| {label} | " + " | ".join(cells) + " |" + "".join(f" {r} |" for r in ratios))
     print("\n(ratios: higher is better for miaotui; for cold start and RSS they are llama.cpp / miaotui)")
+    for line in skipped:
+        print(line)
     return 0
 
 
