@@ -74,6 +74,34 @@ def test_cpu_decode_kernel_matches_reference(kv_heads, heads, dim, mixed, cache_
                torch.tensor([9]), 1.0)
 
 
+@pytest.mark.skipif(not cpu_kernels_available(),
+                    reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
+@pytest.mark.parametrize("window", [1, 7, 8, 13, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_cpu_decode_kernel_sliding_window_matches_reference(window, cache_dtype):
+    """With a window w the kernel attends the last w tokens only (block-aligned or not, w shorter
+    and longer than a sequence) and never reads a position before them: poisoning every block
+    wholly behind a row's window (NaN, as a released block's stale data could be) changes nothing."""
+    seqs = [(5, 1), (16, 1), (17, 1), (40, 1), (300, 1), (9, 4)]
+    query, k_cache, v_cache, meta = _batch(seqs, 8, 96, 2, 4, 64, seed=window)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    expected = reference_paged_attention(query, k_cache, v_cache, meta, 0.125, window)
+    for i, seq_len in enumerate(meta.seq_lens_list):
+        behind = max(seq_len - window, 0) // 8  # blocks wholly before the window
+        if meta.query_start_loc_list[i + 1] - meta.query_start_loc_list[i] == 1 and behind:
+            for block in meta.block_tables[i, :behind].tolist():
+                k_cache[block] = float("nan")
+                v_cache[block] = float("nan")
+    meta.decode = build_decode_batch(meta, 8)
+    kernel = torch.ops.miaotui_cpu.paged_decode_attention.default
+    got = torch_paged_attention(query, k_cache, v_cache, meta, 0.125, window, cpu_decode=kernel)
+    rows = meta.decode.token_idx
+    assert (got[rows] - expected[rows]).abs().max().item() < 1e-5
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        kernel(query[:1].contiguous(), k_cache, v_cache, meta.decode.blocks.view(len(rows), -1)[:1],
+               meta.decode.seq_lens.view(-1)[:1], 1.0, -1)
+
+
 def _explicit_attention(query, k_cache, v_cache, meta, scale, bias_of):
     """Softmax(q.k * scale + bias_of(h, query_pos, key_pos), causal) . v, one head at a time."""
     out = torch.empty_like(query)

@@ -27,7 +27,7 @@ inline __m256 load8(const uint16_t* p) {
 // The attention of paged_decode_attention below over caches of element type C (float or fp16 bits).
 template <typename C>
 void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, const int64_t* lens, int64_t B,
-            int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t nb, float fscale, float* op) {
+            int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t nb, float fscale, int64_t window, float* op) {
   const int64_t G = H / KVH;
   // One task per (sequence, KV head): its G query heads share every K and V row it reads. With
   // fewer such tasks than a few per thread (a batch-1 step has KVH of them, 3 for SmolLM2 on
@@ -39,16 +39,19 @@ void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, co
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (KVH * slices), kvh = task / slices % KVH, g0 = task % slices * per_slice;
       const int64_t L = lens[b], Lp = (L + 7) / 8 * 8;
+      // A sliding window w attends only the last w tokens: [S, L). Positions before S are never
+      // read (their blocks may already be released and point at a placeholder) and weigh 0.
+      const int64_t S = window > 0 && L > window ? L - window : 0;
       probs.assign(per_slice * Lp, -INFINITY);
       offsets.resize(L);
-      for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t i = 0, base = (tables[b * nb + j] * BS * KVH + kvh) * D; i < BS && t < L; ++i, ++t)
+      for (int64_t t = S, j = S / BS; t < L; ++j)  // block by block: no division per token
+        for (int64_t i = t % BS, base = (tables[b * nb + j] * BS * KVH + kvh) * D; i < BS && t < L; ++i, ++t)
           offsets[t] = base + i * KVH * D;
       auto row = [&](const C* cache, int64_t t) { return cache + offsets[t]; };
       for (int64_t g = 0; g < per_slice; ++g) {
         const float* qh = qp + (b * H + kvh * G + g0 + g) * D;
         float* scores = probs.data() + g * Lp;
-        int64_t t = 0;
+        int64_t t = S;
         for (; t + 8 <= L; t += 8) {  // 8 tokens: 8 independent FMA chains, one 8-score store
           __m256 acc[8];
           for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
@@ -79,6 +82,7 @@ void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, co
           _mm256_storeu_ps(p + t, e);
         }
         for (int64_t t = L; t < Lp; ++t) p[t] = 0.0f;
+        for (int64_t t = 0; t < S; ++t) p[t] = 0.0f;
         for (int64_t t = 0; t < Lp; t += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(p + t));
         const float inv = 1.0f / hsum(vsum);
         float* o = op + (b * H + kvh * G + g0 + g) * D;
@@ -87,7 +91,7 @@ void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, co
         for (; d0 + 64 <= D; d0 += 64) {
           __m256 acc[8];
           for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-          for (int64_t t = 0; t < L; ++t) {
+          for (int64_t t = S; t < L; ++t) {
             const __m256 w = _mm256_set1_ps(p[t] * inv);
             const C* v = row(vp, t) + d0;
             for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
@@ -95,7 +99,7 @@ void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, co
           for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
         }
         for (int64_t d = d0; d < D; ++d) o[d] = 0.0f;
-        for (int64_t t = 0; d0 < D && t < L; ++t) {
+        for (int64_t t = S; d0 < D && t < L; ++t) {
           const __m256 w = _mm256_set1_ps(p[t] * inv);
           const C* v = row(vp, t);
           for (int64_t d = d0; d < D; d += 8)
@@ -111,13 +115,14 @@ void attend(const float* qp, const C* kp, const C* vp, const int64_t* tables, co
 namespace miaotui_cpu {
 
 // Decode attention straight from the paged cache: one query token per sequence, causal over its
-// seq_len cached tokens, fp32 throughout (scores, an exact two-pass softmax, the weighted sum)
+// seq_len cached tokens (with window > 0, over the last `window` of them), fp32 throughout (scores, an exact two-pass softmax, the weighted sum)
 // over fp32 caches or fp16 ones (--kv-cache-dtype float16: half the cache memory).
 // Reading K and V where they lie replaces gathering every sequence's blocks into a padded copy
 // and masking it (the copy cost as much as the attention at batch 16).
 // q [B, H, D]; caches [blocks, block_size, KVH, D]; block_tables [B, nb] int64; seq_lens [B].
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t window) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
               "paged_decode_attention: q must be contiguous fp32 CPU [B, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
@@ -141,13 +146,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   at::Tensor out = at::empty_like(q);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
+  TORCH_CHECK(window >= 0, "paged_decode_attention: window must be >= 0 (0: none), got ", window);
   if (k_cache.scalar_type() == at::kFloat)
     attend(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, lens, B, H, KVH, D,
-           BS, nb, fscale, out.data_ptr<float>());
+           BS, nb, fscale, window, out.data_ptr<float>());
   else
     attend(q.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::Half>()),
            reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::Half>()), tables, lens, B, H, KVH, D, BS, nb,
-           fscale, out.data_ptr<float>());
+           fscale, window, out.data_ptr<float>());
   return out;
 }
 
@@ -155,7 +161,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 TORCH_LIBRARY_FRAGMENT(miaotui_cpu, lib) {
   lib.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-          "float scale) -> Tensor");
+          "float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {

@@ -176,7 +176,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @register("miaotui_cpu::paged_decode_attention")
-    def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0):
         return torch.empty_like(q)
 
     @register("miaotui_cpu::rms_norm")

@@ -292,7 +292,8 @@ def _decode_rows(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bd = decode.token_idx.numel()
     if cpu_decode is not None:
         q = (query if bd == query.shape[0] else query.index_select(0, decode.token_idx)).contiguous()
-        return cpu_decode(q, k_cache, v_cache, decode.blocks.view(bd, -1), decode.seq_lens.view(-1), scale)
+        return cpu_decode(q, k_cache, v_cache, decode.blocks.view(bd, -1), decode.seq_lens.view(-1), scale,
+                          sliding_window or 0)
     keys = k_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
     values = v_cache.index_select(0, decode.blocks).view(bd, -1, kv_heads, head_dim).to(query.dtype)
     # [Bd, 1, H, D]; keys [Bd, L, KVH, D]. A pure decode step's rows are the whole batch in order.
@@ -333,12 +334,12 @@ def torch_paged_attention(
     cpu_decode: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as the reference; decodes batched, prompt chunks one sequence at a time.
-    `cpu_decode` (miaotui's paged decode kernel) takes the decode rows of plain causal layers
-    with fp32 or fp16 CPU caches."""
+    `cpu_decode` (miaotui's paged decode kernel) takes the decode rows of causal layers (sliding
+    windows included) without a score bias, with fp32 or fp16 CPU caches."""
     decode = meta.decode
     if decode is None:
         decode = build_decode_batch(meta, k_cache.shape[1])
-    if not (cpu_decode is not None and sliding_window is None and score_bias is None
+    if not (cpu_decode is not None and score_bias is None
             and query.dtype is torch.float32 and k_cache.dtype in CPU_DECODE_CACHE_DTYPES
             and k_cache.device.type == "cpu"):
         cpu_decode = None
