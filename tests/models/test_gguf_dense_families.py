@@ -354,3 +354,14 @@ def test_gemma_query_scale_follows_llama_cpp(arch, layers, scalar):
                   rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)
     cfg = gemma_config(arch, kwargs, lambda key, default=None: meta_values.get(key, default), None)
     assert cfg.query_pre_attn_scalar == scalar
+
+
+def test_end_of_turn_token_of_the_file_ends_generation(tmp_path, monkeypatch):
+    """tokenizer.ggml.eot_token_id (Phi-3's <|end|>, Llama 3's <|eot_id|>) stops generation besides
+    the EOS id, as llama.cpp does and a checkpoint's generation_config.json would say."""
+    from miaotui.loader import eos_token_ids
+
+    path = _smollm3_file_with(tmp_path, monkeypatch, lambda w: (w.add_eos_token_id(2), w.add_eot_token_id(7)))
+    _, cfg = _ours(path)
+    assert cfg.eos_token_id == [2, 7]
+    assert eos_token_ids(resolve_model(str(path)), cfg, None) == frozenset({2, 7})

@@ -199,6 +199,14 @@ def gguf_hf_config(reader: Any, path: Path) -> Any:
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         architectures=[SUPPORTED_ARCHITECTURES[arch]],
     )
+    # llama.cpp ends generation at the end-of-turn / end-of-message tokens too (Phi-3's <|end|>,
+    # Llama 3's <|eot_id|> where the file names them): they join the EOS ids, as in a checkpoint's
+    # generation_config.json.
+    stops = [kwargs["eos_token_id"], _field(reader, "tokenizer.ggml.eot_token_id"),
+             _field(reader, "tokenizer.ggml.eom_token_id")]
+    stops = list(dict.fromkeys(i for i in stops if isinstance(i, int)))
+    if len(stops) > 1 and arch in (*_LLAMA_FAMILY, *_GEMMA):
+        kwargs["eos_token_id"] = stops
     if arch == "bloom":
         from transformers import BloomConfig
 

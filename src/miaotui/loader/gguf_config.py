@@ -41,7 +41,7 @@ class LlamaFamilyConfig:
     rope_scaling: dict[str, Any] | None
     tie_word_embeddings: bool
     bos_token_id: int | None
-    eos_token_id: int | None
+    eos_token_id: int | list[int] | None  # a list: the file's end-of-turn / end-of-message ids too
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
