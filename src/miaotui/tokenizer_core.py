@@ -128,6 +128,10 @@ class CoreTokenizer:
         ids = [operator.index(token_ids)] if not hasattr(token_ids, "__iter__") else [operator.index(i) for i in token_ids]
         return self._core.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled exactly `text`, or None."""
+        return self._core.token_to_id(text)
+
     @property
     def full(self) -> Any:
         """The transformers tokenizer (what `LLM.get_tokenizer()` returns). A failed load is

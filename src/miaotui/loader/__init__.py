@@ -282,4 +282,21 @@ def eos_token_ids(source: ModelSource | None, hf_config: Any, tokenizer: Any) ->
             raise ModelLoadError(f"{source.path}/generation_config.json cannot be read: {exc}") from exc
     if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if source is not None and source.is_gguf and tokenizer is not None:
+        ids.update(end_of_turn_ids(tokenizer))
     return frozenset(ids)
+
+
+# End-of-turn tokens chat models emit instead of (or before) their EOS, found by their text as
+# llama.cpp does for GGUF files whose metadata names no eot id (Gemma's <end_of_turn>, Phi-3's
+# <|end|>, ChatML's <|im_end|>, Llama 3's <|eot_id|> / <|eom_id|>, DeepSeek-R1's end of sentence).
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                      "<EOT>", "<｜end▁of▁sentence｜>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    lookup = getattr(tokenizer, "token_id", None)
+    if lookup is None:  # a transformers tokenizer
+        vocab = tokenizer.get_vocab()
+        lookup = vocab.get
+    return {i for i in map(lookup, END_OF_TURN_TOKENS) if isinstance(i, int)}
