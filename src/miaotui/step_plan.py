@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from miaotui.request import Request
 
+# The block id a window group's table holds for a released block (engine/window_kv.py): block 0
+# of every window group, never allocated; the window mask never lets attention read it.
+PLACEHOLDER = 0
+
 
 @dataclass(slots=True)
 class ScheduledSeq:

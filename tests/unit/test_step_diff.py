@@ -6,17 +6,28 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
+
 from miaotui import LLM, SamplingParams
 from miaotui.runner.step_diff import StepDiffDecoder, StepDiffEncoder
 from miaotui.sampling_params import BeamSearchParams
 from tests.conftest import make_tiny_checkpoint
 
 
-def test_decoded_diffs_equal_the_driver_inputs(tmp_path, embedded_gguf):
-    folder, _ = make_tiny_checkpoint(tmp_path / "llama", "llama")
-    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=70, max_model_len=256,
+SLIDING = {"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+
+
+# With a window group, 22 blocks of all layers give the full-attention layer 42 (one sequence of
+# 160 tokens) and the window layers 12: both budgets preempt.
+@pytest.mark.parametrize("arch,overrides,num_blocks,max_len", [("llama", {}, 70, 256), ("qwen2", SLIDING, 22, 160)],
+                         ids=["llama", "qwen2-window-group"])
+def test_decoded_diffs_equal_the_driver_inputs(arch, overrides, num_blocks, max_len, tmp_path, embedded_gguf):
+    folder, _ = make_tiny_checkpoint(tmp_path / arch, arch, **overrides)
+    llm = LLM(str(folder), tokenizer=embedded_gguf, block_size=4, num_kv_blocks=num_blocks, max_model_len=max_len,
               max_num_batched_tokens=32, max_num_seqs=8)
     runner = llm.engine.runner
+    assert bool(runner.kv_windows) == (arch == "qwen2")  # the sliding layers' own KV group, tables diffed too
     encoder, decoder = StepDiffEncoder(), StepDiffDecoder(runner.block_size)
     stats = {"steps": 0, "appended": 0, "full": 0, "diff_bytes": 0, "full_bytes": 0}
     build = runner.step_inputs

@@ -34,6 +34,8 @@ def test_tp2_matches_one_process(arch, overrides, tmp_path, embedded_gguf):
         attn = tp.engine.model.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (2, 1)  # this rank holds half the heads
         assert attn.o_proj.group is not None  # collectives run on the step group (its own timeout)
+        # Gemma 2's local layers get their own KV group on every rank (tables sent in the step diffs).
+        assert bool(tp.engine.kv.windows) == (arch == "gemma2")
         sharded = tp.generate(prompts, params, use_tqdm=False)
         sampled = tp.generate(prompts[0], SamplingParams(temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)
     finally:

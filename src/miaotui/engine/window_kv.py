@@ -22,8 +22,9 @@ Invariants of a request's table in this group:
 from __future__ import annotations
 
 from miaotui.engine.block_pool import BlockPool
+from miaotui.step_plan import PLACEHOLDER
 
-PLACEHOLDER = 0
+__all__ = ["PLACEHOLDER", "WindowGroup"]
 
 
 class WindowGroup:

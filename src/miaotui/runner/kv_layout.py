@@ -71,10 +71,19 @@ def group_layers(model: nn.Module, with_windows: bool) -> tuple[tuple[int | None
 
 
 def plan_kv_layout(model: nn.Module, block_size: int, dtype: torch.dtype, *, num_blocks: int | None,
-                   budget_bytes: float, max_model_len: int, max_chunk: int, with_windows: bool = True) -> KVLayout:
+                   budget_bytes: float, max_model_len: int, max_chunk: int, with_windows: bool = True,
+                   group_blocks: tuple[int, ...] | None = None) -> KVLayout:
     """Size every group. `num_blocks` (CacheConfig.num_blocks) counts blocks of all layers: with
-    window groups it is turned into the same bytes and split like `budget_bytes`."""
+    window groups it is turned into the same bytes and split like `budget_bytes`. `group_blocks`
+    (a tensor-parallel worker: the driver's counts, primary first) fixes each group's count."""
     (primary_window, primary_layers), window_layers = group_layers(model, with_windows)
+    if group_blocks is not None:
+        if len(group_blocks) != 1 + len(window_layers):
+            raise ValueError(f"group_blocks: {len(group_blocks)} counts for {1 + len(window_layers)} KV groups")
+        return KVLayout(
+            KVGroup(primary_window, tuple(primary_layers), group_blocks[0], _block_bytes(primary_layers, block_size, dtype)),
+            tuple(KVGroup(w, tuple(ls), n, _block_bytes(ls, block_size, dtype))
+                  for (w, ls), n in zip(window_layers.items(), group_blocks[1:])))
     all_bytes = _block_bytes(model.attention_layers(), block_size, dtype)
     full_need = -(-max_model_len // block_size)
     if not window_layers:

@@ -109,12 +109,15 @@ def prompt_logprob_positions(seq: ScheduledSeq) -> range:
 
 
 class ModelRunner:
-    # Whether sliding-window layers get KV groups of their own (the tensor-parallel runner's
-    # step diffs carry one block table per sequence, so it keeps every block in one group).
+    # Whether sliding-window layers get KV groups of their own (off: every layer keeps every
+    # block in one group, as before groups existed; the reference the group tests compare with).
     supports_window_groups = True
 
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int, max_num_batched_tokens: int | None = None) -> None:
+                 max_model_len: int, max_num_batched_tokens: int | None = None,
+                 group_blocks: tuple[int, ...] | None = None) -> None:
+        """`group_blocks` fixes each KV group's block count (primary first): a tensor-parallel
+        worker takes the driver's, since block ids are global across ranks."""
         self.model = model
         self.device = torch.device(model_config.device)
         self.dtype = model_config.dtype
@@ -127,7 +130,7 @@ class ModelRunner:
         self.kv_layout = plan_kv_layout(model, self.block_size, self.kv_dtype, num_blocks=cache_config.num_blocks,
                                         budget_bytes=budget, max_model_len=max_model_len,
                                         max_chunk=max_num_batched_tokens or max_model_len,
-                                        with_windows=self.supports_window_groups)
+                                        with_windows=self.supports_window_groups, group_blocks=group_blocks)
         log_kv_layout(self.kv_layout, self.block_size, max_model_len, self.kv_dtype)
         self.num_blocks = self.kv_layout.primary.num_blocks
         # (window, num_blocks) of each sliding-window group: the KV manager's `windows`.

@@ -133,7 +133,7 @@ def _rank_device(model_config: ModelConfig, rank: int) -> ModelConfig:
 
 
 def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int, steps) -> None:
+                 max_model_len: int, group_blocks: tuple[int, ...], steps) -> None:
     from miaotui.loader import load_for_config
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle (it stops us)
@@ -144,7 +144,7 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
     step_group = _init_group(model_config, port, rank, world)
     model, _ = load_for_config(model_config, rank=rank, progress=False)
     bind_group(model, step_group)
-    runner = _WorkerRunner(model, model_config, cache_config, max_model_len)
+    runner = ModelRunner(model, model_config, cache_config, max_model_len, group_blocks=group_blocks)
     settle_after_load()
     decoder = StepDiffDecoder(cache_config.block_size)
     dist.barrier()  # loaded: the driver's constructor returns once every rank is here
@@ -161,17 +161,8 @@ def _worker_main(rank: int, world: int, port: int, model_config: ModelConfig, ca
         dist.destroy_process_group()
 
 
-class _WorkerRunner(ModelRunner):
-    supports_window_groups = False  # as the driver's: one KV group, one block table per sequence
-
-
 class TensorParallelRunner(ModelRunner):
-    """Rank 0: a ModelRunner over the driver's shard that also drives the worker ranks.
-
-    Sliding-window layers keep every block here (one KV group): the step diffs carry one block
-    table per sequence."""
-
-    supports_window_groups = False
+    """Rank 0: a ModelRunner over the driver's shard that also drives the worker ranks."""
 
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  max_model_len: int, max_num_batched_tokens: int | None = None) -> None:
@@ -179,7 +170,7 @@ class TensorParallelRunner(ModelRunner):
         if not str(model_config.device).startswith("cuda"):
             configure_threads(model_config.threads, world)  # the cores are shared by all ranks
         _rank_device(model_config, 0)
-        super().__init__(model, model_config, cache_config, max_model_len)
+        super().__init__(model, model_config, cache_config, max_model_len, max_num_batched_tokens)
         self.world = world
         self.failure: str | None = None
         self.on_failure: list[Callable[[str], None]] = []
@@ -187,15 +178,16 @@ class TensorParallelRunner(ModelRunner):
         self._in_step = False
         self._diffs = StepDiffEncoder()
         port = _free_port()
-        # Every rank must hold the same number of blocks: block ids are global.
+        # Every rank must hold the same number of blocks in each KV group: block ids are global.
         worker_cache = dataclasses.replace(cache_config, num_blocks=self.num_blocks)
+        group_blocks = tuple(g.num_blocks for g in self.kv_layout.groups)
         ctx = mp.get_context("spawn")
         self.workers, self._pipes = [], []
         for rank in range(1, world):
             receive, send = ctx.Pipe(duplex=False)
             self.workers.append(ctx.Process(target=_worker_main, name=f"miaotui-tp-rank{rank}", daemon=True,
                                             args=(rank, world, port, model_config, worker_cache, max_model_len,
-                                                  receive)))
+                                                  group_blocks, receive)))
             self._pipes.append(send)
         with _main_module_not_rerun():
             for proc in self.workers:
