@@ -119,6 +119,26 @@ def test_layout_splits_the_budget_by_what_a_full_length_request_holds():
     assert layout.primary.num_blocks > 2 * 250
 
 
+@pytest.mark.parametrize("max_seqs", [2, 8, 256])
+def test_layout_with_max_seqs_never_holds_fewer_tokens_than_one_shared_count(max_seqs):
+    """With the engine's max_num_seqs, each window group gets the blocks one shared count gives
+    every layer (250 here: the layout before groups), capped at what max_seqs requests can ever
+    hold there; the full group gets the rest. Short requests lose no concurrency, and memory the
+    windows cannot use goes to the full group."""
+    model = _Model([16, 16, 16, None])
+    layer_block = 2 * 2 * 8 * BS * 4
+    layout = plan_kv_layout(model, BS, torch.float32, num_blocks=None, budget_bytes=1000 * layer_block,
+                            max_model_len=256, max_chunk=32, max_seqs=max_seqs)
+    (window,) = layout.windows
+    need = max_held_blocks(16, 32, BS)
+    assert window.num_blocks == min(250, max_seqs * need) + 1
+    assert layout.primary.num_blocks >= 250 - 3  # at least the shared count, less the placeholders
+    used = layout.primary.num_blocks * layout.primary.block_bytes + window.num_blocks * window.block_bytes
+    assert used <= 1000 * layer_block
+    if max_seqs * need < 250:  # the windows need less than a shared count: the full group gains it
+        assert layout.primary.num_blocks == (1000 * layer_block - window.num_blocks * window.block_bytes) // layer_block
+
+
 def test_layout_refuses_a_budget_too_small_for_one_full_length_sequence():
     # The split is proportional, so the full group is the one that runs short first.
     with pytest.raises(ValueError, match="'full attention' \\(1 layers\\) has 14 blocks but one sequence"):

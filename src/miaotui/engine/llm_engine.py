@@ -92,7 +92,8 @@ class LLMEngine:
         if model_config.tensor_parallel_size > 1:
             from miaotui.runner.tensor_parallel import TensorParallelRunner as runner_cls
         self.runner = runner_cls(self.model, model_config, cache_config, self.max_model_len,
-                                 scheduler_config.max_num_batched_tokens)
+                                 scheduler_config.max_num_batched_tokens,
+                                 max_num_seqs=scheduler_config.max_num_seqs)
         settle_after_load()
         self.kv = KVCacheManager(self.runner.num_blocks, cache_config.block_size,
                                  cache_config.enable_prefix_caching, windows=self.runner.kv_windows)

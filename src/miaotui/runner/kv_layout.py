@@ -7,9 +7,14 @@ layer, sized exactly as before groups existed. A model that mixes windows gets a
 plus one group per other window whose tables release the blocks behind the window
 (engine/window_kv.py). Block ids are per group: each group has its own K/V tensors.
 
-The memory budget is split in proportion to what one request of max_model_len holds in each
-group at most (the full group ceil(max_model_len / bs) blocks, a window group
-`max_held_blocks`), so the groups run out together for long requests.
+Sizes, with the engine's max_num_seqs known (`max_seqs`): every window group gets what one shared
+block count would give each layer (the budget over all layers' block bytes: the layout before
+groups existed), capped at the most it can ever hold (max_seqs requests of `max_held_blocks`
+each); the full group gets the rest. So no group holds fewer tokens than before (short requests
+keep their concurrency) and the memory windows cannot use goes to long contexts. Without
+`max_seqs`, or where that leaves the full group less than one max_model_len request (a budget
+too small for one before groups existed), the budget is split in proportion to what one
+request of max_model_len holds in each group at most, so the groups run out together.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ def group_layers(model: nn.Module, with_windows: bool) -> tuple[tuple[int | None
 
 def plan_kv_layout(model: nn.Module, block_size: int, dtype: torch.dtype, *, num_blocks: int | None,
                    budget_bytes: float, max_model_len: int, max_chunk: int, with_windows: bool = True,
-                   group_blocks: tuple[int, ...] | None = None) -> KVLayout:
+                   group_blocks: tuple[int, ...] | None = None, max_seqs: int | None = None) -> KVLayout:
     """Size every group. `num_blocks` (CacheConfig.num_blocks) counts blocks of all layers: with
     window groups it is turned into the same bytes and split like `budget_bytes`. `group_blocks`
     (a tensor-parallel worker: the driver's counts, primary first) fixes each group's count."""
@@ -97,12 +102,22 @@ def plan_kv_layout(model: nn.Module, block_size: int, dtype: torch.dtype, *, num
     per_seq = full_need * primary_bytes + sum(needs[w] * _block_bytes(ls, block_size, dtype)
                                               for w, ls in window_layers.items())
     seqs = budget / per_seq
-    primary = KVGroup(primary_window, tuple(primary_layers), int(seqs * full_need), primary_bytes)
+    shared = int(budget) // all_bytes  # blocks per layer with one count for all (no groups)
+    # + 1: block 0 of a window group is the placeholder of released entries.
+    counts = {w: (min(shared, max_seqs * needs[w]) if max_seqs else int(seqs * needs[w])) + 1 for w in window_layers}
+    window_bytes = {w: _block_bytes(ls, block_size, dtype) for w, ls in window_layers.items()}
+    primary_blocks = int(seqs * full_need)
+    if max_seqs:
+        rest = budget - sum(counts[w] * window_bytes[w] for w in window_layers)
+        if int(rest) // primary_bytes >= full_need:
+            primary_blocks = int(rest) // primary_bytes
+        else:  # a budget so small that only the proportional split fits one full-length sequence
+            counts = {w: int(seqs * needs[w]) + 1 for w in window_layers}
+    primary = KVGroup(primary_window, tuple(primary_layers), primary_blocks, primary_bytes)
     _check_fits(primary, full_need, max_model_len)
     windows = []
     for w, ls in window_layers.items():
-        # + 1: block 0 of a window group is the placeholder of released entries.
-        group = KVGroup(w, tuple(ls), int(seqs * needs[w]) + 1, _block_bytes(ls, block_size, dtype))
+        group = KVGroup(w, tuple(ls), counts[w], window_bytes[w])
         _check_fits(group, needs[w] + 1, max_model_len)
         windows.append(group)
     return KVLayout(primary, tuple(windows))

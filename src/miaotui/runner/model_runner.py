@@ -115,7 +115,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  max_model_len: int, max_num_batched_tokens: int | None = None,
-                 group_blocks: tuple[int, ...] | None = None) -> None:
+                 group_blocks: tuple[int, ...] | None = None, max_num_seqs: int | None = None) -> None:
         """`group_blocks` fixes each KV group's block count (primary first): a tensor-parallel
         worker takes the driver's, since block ids are global across ranks."""
         self.model = model
@@ -130,7 +130,8 @@ class ModelRunner:
         self.kv_layout = plan_kv_layout(model, self.block_size, self.kv_dtype, num_blocks=cache_config.num_blocks,
                                         budget_bytes=budget, max_model_len=max_model_len,
                                         max_chunk=max_num_batched_tokens or max_model_len,
-                                        with_windows=self.supports_window_groups, group_blocks=group_blocks)
+                                        with_windows=self.supports_window_groups, group_blocks=group_blocks,
+                                        max_seqs=max_num_seqs)
         log_kv_layout(self.kv_layout, self.block_size, max_model_len, self.kv_dtype)
         self.num_blocks = self.kv_layout.primary.num_blocks
         # (window, num_blocks) of each sliding-window group: the KV manager's `windows`.

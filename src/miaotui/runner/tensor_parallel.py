@@ -165,12 +165,14 @@ class TensorParallelRunner(ModelRunner):
     """Rank 0: a ModelRunner over the driver's shard that also drives the worker ranks."""
 
     def __init__(self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_model_len: int, max_num_batched_tokens: int | None = None) -> None:
+                 max_model_len: int, max_num_batched_tokens: int | None = None,
+                 max_num_seqs: int | None = None) -> None:
         world = model_config.tensor_parallel_size
         if not str(model_config.device).startswith("cuda"):
             configure_threads(model_config.threads, world)  # the cores are shared by all ranks
         _rank_device(model_config, 0)
-        super().__init__(model, model_config, cache_config, max_model_len, max_num_batched_tokens)
+        super().__init__(model, model_config, cache_config, max_model_len, max_num_batched_tokens,
+                         max_num_seqs=max_num_seqs)
         self.world = world
         self.failure: str | None = None
         self.on_failure: list[Callable[[str], None]] = []
