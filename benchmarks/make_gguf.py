@@ -23,6 +23,11 @@ The shapes, checked against the published config.json files:
                tied embeddings, no logit soft-capping, max_position_embeddings 32,768.
   tiny-*       the same families at a test's size (tests/unit/test_make_gguf.py).
 
+Q4_K_M is llama.cpp's mix, as in published files: Qwen3-0.6B gets Q4_K with Q6_K for attn_v and
+ffn_down in some layers and for the tied embedding; Gemma-3-270M's rows of 640 are no multiple of
+Q4_K's 256, so most of its matrices fall back to Q5_0 / Q8_0 (Q8_0 is the file every engine that
+reads Gemma 3 GGUF can take).
+
 The converter's conventions kept here: HF names mapped by gguf's TensorNameMap (so Gemma's
 pre_feedforward_layernorm is blk.N.ffn_norm); no output.weight when embeddings are tied;
 Gemma 3's RMSNorm weights stored with +1 (its norm multiplies by 1 + w; llama.cpp's by w);

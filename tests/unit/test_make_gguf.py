@@ -1,5 +1,6 @@
 """benchmarks/make_gguf.py's writer: a tiny random Qwen3 file that miaotui loads and runs, and a
-tiny Gemma 3 file in llama.cpp's converter layout (names, norm +1, sliding-window metadata).
+tiny Gemma 3 file in llama.cpp's converter layout (names, norm +1, sliding-window metadata) that
+miaotui reads back as the config it was written from.
 llama.cpp's quantizer is not on this path: F16 files only."""
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def test_tiny_qwen3_file_loads_in_miaotui_and_generates(tmp_path):
     assert len(ids) == 4 and all(0 <= i < config.vocab_size for i in ids)
 
 
-def test_tiny_gemma3_file_has_the_converter_layout(tmp_path):
+def test_tiny_gemma3_file_has_the_converter_layout_and_loads_in_miaotui(tmp_path):
+    from miaotui import LLM, SamplingParams
+
     config = make_gguf.hf_config("tiny-gemma3")
     path = make_gguf.write_f16("tiny-gemma3", tmp_path / "tiny-gemma3.gguf", progress=False)
     meta, tensors = _fields(path)
@@ -63,3 +66,13 @@ def test_tiny_gemma3_file_has_the_converter_layout(tmp_path):
     reader = gguf.GGUFReader(str(path))
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == config.vocab_size
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+
+    llm = LLM(str(path), max_num_seqs=2, num_kv_blocks=32, max_model_len=64)
+    read = llm.engine.hf_config
+    assert (read.layer_types, read.sliding_window, read.query_pre_attn_scalar, read.head_dim) == (
+        config.layer_types, config.sliding_window, config.query_pre_attn_scalar, config.head_dim)
+    assert read.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert read.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    out = llm.generate({"prompt_token_ids": [300, 301, 302, 303]},
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
