@@ -105,11 +105,32 @@ def test_logits_match_transformers_on_the_same_gguf(tiny_gguf):
 
 
 def test_unsupported_quant_type_is_named(tmp_path):
-    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
-    path = write_llama_gguf(tmp_path / "q5.gguf", hf_model,
-                            lambda n: "Q5_0" if n == "blk.0.ffn_up.weight" else "F32")
-    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama", intermediate_size=256)  # TQ2_0 rows of 256
+    path = write_llama_gguf(tmp_path / "tq2.gguf", hf_model,
+                            lambda n: "TQ2_0" if n == "blk.0.ffn_down.weight" else "F32")
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_down\.weight.*TQ2_0"):
         _ours(path)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_q5_0_and_q5_1_layers_match_transformers_gguf_loader(tmp_path, quantization):
+    """llama.cpp's Q4_K_M falls back to Q5_0 (and Q5_1 / Q4_1 in other mixes) for rows that are
+    not a multiple of 256 (Gemma-3-270M's 640): such layers load, dequantized (int8 under int4,
+    as every matrix stored above 4 bits), and give transformers' logits on the same file."""
+    from transformers import AutoModelForCausalLM
+
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama", tie_word_embeddings=False)
+    path = write_llama_gguf(tmp_path / "q5.gguf", hf_model, lambda n: "F32" if "norm" in n else
+                            "Q5_0" if ".attn_" in n else "Q5_1" if ".ffn_" in n else "F16")
+    model, _ = load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization=quantization))
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    if quantization == "none":
+        q, _, _ = model.model.layers[0].self_attn.qkv_proj.weight.split([64, 32, 32])
+        assert torch.equal(q, ref.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+        torch.manual_seed(0)
+        assert_prompt_logits_match(model, path, ref, 19)
+    else:
+        assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
 
 
 def test_unsupported_gguf_architecture_lists_supported(tmp_path):

@@ -89,15 +89,15 @@ def test_unsupported_gguf_architecture_fails_fast_before_the_tokenizer(tmp_path,
     assert time.perf_counter() - start < 2.0
 
 
-def test_unsupported_gguf_tensor_type_is_named_before_the_tokenizer(tmp_path, tiny, no_tokenizer_loading):
+def test_unsupported_gguf_tensor_type_is_named_before_the_tokenizer(tmp_path, no_tokenizer_loading):
     from tests.gguf_writer import write_llama_gguf
 
-    _, hf_model = tiny
-    path = write_llama_gguf(tmp_path / "q5.gguf", hf_model,
-                            lambda name: "Q5_0" if name == "blk.0.ffn_down.weight" else "F32")
+    _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama", intermediate_size=256)  # TQ2_0 rows of 256
+    path = write_llama_gguf(tmp_path / "tq2.gguf", hf_model,
+                            lambda name: "TQ2_0" if name == "blk.0.ffn_down.weight" else "F32")
     with pytest.raises(UnsupportedModelError,
-                       match=r"q5\.gguf: unsupported GGUF tensor type: tensor 'blk\.0\.ffn_down\.weight' is Q5_0; "
-                             r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K \(a file quantized"):
+                       match=r"tq2\.gguf: unsupported GGUF tensor type: tensor 'blk\.0\.ffn_down\.weight' is TQ2_0; "
+                             r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K \(a file quantized"):
         LLM(str(path))
 
 

@@ -31,7 +31,7 @@ from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS
 from miaotui.loader.gguf_names import hf_tensor_name as _hf_name
 from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
 
-SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                            "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
@@ -283,7 +283,7 @@ def keeps_int4(arch: str) -> bool:
 
 def lossy_linear_names(reader: Any, path: Path) -> set[str]:
     """Hugging Face names of layer matrices stored in a quantized format other than 4-bit blocks
-    (Q8_0, Q5_K, Q6_K): quantizing those to int4 would lose bits the file has, so they go int8."""
+    (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K): quantizing those to int4 would lose bits the file has, so they go int8."""
     arch = _field(reader, "general.architecture")
     return {hf_tensor_name(t.name, arch, path) for t in reader.tensors
             if t.name.startswith("blk.") and len(t.shape) == 2
