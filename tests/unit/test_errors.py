@@ -43,7 +43,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     cfg["architectures"] = ["FalconForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
-                       match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, "
+                       match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
+                             r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
                              r"MT5ForConditionalGeneration, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
                              r"SmolLM3ForCausalLM, T5ForConditionalGeneration"):
         _load(tmp_path)
