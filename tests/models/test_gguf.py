@@ -50,7 +50,7 @@ def assert_prompt_logits_match(model, path, reference, num_tokens: int) -> None:
     are within 1e-4 of `reference`'s (a transformers model)."""
     ids = torch.randint(0, 256, (num_tokens,)).tolist()
     runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=8, num_blocks=64), 512)
-    kv = KVCacheManager(64, 8)
+    kv = KVCacheManager(64, 8, windows=runner.kv_windows)  # sliding-window layers' own KV groups
     req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
     assert kv.allocate_slots(req, len(ids))
     ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]

@@ -12,17 +12,14 @@ import pytest
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.config import CacheConfig, ModelConfig
-from miaotui.engine.kv_cache import KVCacheManager
+from miaotui.config import ModelConfig
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.layers.quantized import Int4Linear, quantization_supported
 from miaotui.loader import load_model, resolve_model
-from miaotui.request import Request
-from miaotui.runner.model_runner import ModelRunner
-from miaotui.step_plan import ScheduledSeq, SchedulerOutput
 from tests.gguf_writer import add_tensor, finish, write_llama_gguf
 from tests.gguf_writer_families import roundtrip, write_phi3_gguf
 from tests.model_checks import hf_greedy_ids
+from tests.models.test_gguf import assert_prompt_logits_match
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -43,23 +40,6 @@ def _quants(matrix: str):
 
 def _ours(path, quantization: str = "none"):
     return load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization=quantization))
-
-
-def assert_prompt_logits_match(model, path, reference, num_tokens: int) -> None:
-    """Our next-token logits after a random prompt (one prefill through the paged runner) are within
-    1e-4 of `reference`'s (a transformers model)."""
-    ids = torch.randint(0, 256, (num_tokens,)).tolist()
-    runner = ModelRunner(model, ModelConfig(model=str(path)), CacheConfig(block_size=8, num_blocks=64), 512)
-    # Models with sliding-window layers keep those layers' KV in groups of their own, which the
-    # KV manager must be given where the runner has them.
-    windows = {"windows": runner.kv_windows} if getattr(runner, "kv_windows", ()) else {}
-    kv = KVCacheManager(64, 8, **windows)
-    req = Request("g", ids, SamplingParams(temperature=0), frozenset(), 512, "g")
-    assert kv.allocate_slots(req, len(ids))
-    ours = runner.forward_logits(SchedulerOutput([ScheduledSeq(req, 0, len(ids))]))[0]
-    with torch.no_grad():
-        expected = reference(torch.tensor([ids])).logits[0, -1]
-    assert (ours - expected).abs().max().item() <= 1e-4
 
 
 def _greedy(path, prompt: list[int], n: int, quantization: str = "none") -> list[int]:

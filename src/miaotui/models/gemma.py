@@ -12,7 +12,7 @@ of Gemma3ForConditionalGeneration checkpoints), as transformers' modeling_gemma2
   the final logits (final_logit_softcapping): cap * tanh(x / cap).
 
 Same paged contract and the same fused Q/K/V and gate/up parameters as models/llama.py, whose
-weight loading and tensor-parallel sharding this reuses.
+attention forward, gated MLP, weight loading and tensor-parallel sharding this reuses.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from miaotui.kernels.cpu_build import cpu_op
 from miaotui.layers.activations import GeluTanhAndMul
 from miaotui.layers.attention import AttentionMetadata, PagedAttention
 from miaotui.layers.norms import OffsetRMSNorm
-from miaotui.layers.rotary import RotaryEmbedding, apply_rotary, check_rope, rope_parameters
+from miaotui.layers.rotary import RotaryEmbedding, check_rope, rope_parameters
 from miaotui.models.base import CausalLMHead
-from miaotui.models.llama import LlamaForCausalLM
+from miaotui.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from miaotui.models.weights import WeightSink
 
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
@@ -65,9 +65,13 @@ def _rope_config(cfg: Any, layer_type: str) -> Any:
     return SimpleNamespace(rope_parameters=chosen, max_position_embeddings=cfg.max_position_embeddings)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Gemma's attention is Llama's forward (fused Q/K/V, optional per-head Q/K norm, RoPE, paged
+    attention) over its own construction: query_pre_attn_scalar scaling, the layer type's window,
+    soft-capping, (1 + w) Q/K norms. __init__ sets every attribute that forward reads."""
+
     def __init__(self, cfg: Any, layer: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.layer_type = _layer_types(cfg)[layer]
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -81,42 +85,19 @@ class GemmaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = OffsetRMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.use_rope = True
         window = cfg.sliding_window if self.layer_type == "sliding_attention" else None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    float(cfg.query_pre_attn_scalar) ** -0.5, window,
                                    softcap=getattr(cfg, "attn_logit_softcapping", None))
         self._cpu_rotary = cpu_op("rotary")
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        t = h.shape[0]
-        qk, v = self.qkv_proj(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = qk.reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # per head, before RoPE
-            q_heads, k_heads = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat([self.q_norm(q_heads.contiguous()), self.k_norm(k_heads.contiguous())], dim=1)
-        qk = apply_rotary(qk, cos, sin, self._cpu_rotary).reshape(t, -1)
-        q, k = qk.split([self.q_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(q, k, v, meta))
-
-
-class GemmaMLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__()
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = GeluTanhAndMul()
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(h)))
-
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, cfg: Any, layer: int) -> None:
         super().__init__()
         self.self_attn = GemmaAttention(cfg, layer)
-        self.mlp = GemmaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, GeluTanhAndMul())
         eps = cfg.rms_norm_eps
         self.input_layernorm = OffsetRMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = OffsetRMSNorm(cfg.hidden_size, eps)

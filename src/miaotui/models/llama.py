@@ -93,13 +93,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    """down(act(gate_up(h))) over a fused gate/up projection; `act` SiLU gating unless given
+    (Gemma passes GELU-tanh gating)."""
+
+    def __init__(self, cfg: Any, act: nn.Module | None = None) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = SiluAndMul()
+        self.act = SiluAndMul() if act is None else act
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(h)))
