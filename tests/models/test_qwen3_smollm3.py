@@ -1,8 +1,8 @@
 """Qwen3 and SmolLM3 beyond the decoder parity suite (tests/models/test_decoder_parity.py runs their
 logits, greedy ids and mixed batches against transformers): Qwen3 GGUF files (F16, Q8_0) match
 transformers' GGUF loader, SmolLM3's RoPE-less layers are transformers' own, the CPU decode
-stack declines both (its kernel has no Q/K norm and rotates every layer), and unsupported
-configs and names fail with messages that list the new architectures."""
+stack serves Qwen3 (its Q/K norms included) and declines SmolLM3 (its kernel rotates every
+layer), and unsupported configs and names fail with messages that list the new architectures."""
 
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def test_smollm3_rope_layers_are_transformers_own(tmp_path):
 @pytest.mark.skipif(not cpu_kernels_available(), reason="miaotui's CPU kernels do not build here")
 @pytest.mark.parametrize("arch,overrides,served", [
     ("llama", {}, True),  # the control: the same int8 model shape is one the kernel serves
-    ("qwen3", {"head_dim": 32}, False),
+    ("qwen3", {"head_dim": 32}, True),  # the kernel runs the per-head Q/K norms as the layers do
     ("smollm3", {"no_rope_layer_interval": 2, **SMOLLM3_IDS}, False),
 ])
-def test_decode_stack_declines_qk_norm_and_rope_less_layers(tmp_path, embedded_gguf, arch, overrides, served):
+def test_decode_stack_serves_qk_norm_and_declines_rope_less_layers(tmp_path, embedded_gguf, arch, overrides, served):
     folder, _ = make_tiny_checkpoint(tmp_path, arch, **overrides)
     assert_decode_stack_matches_layers(folder, embedded_gguf, served)
 

@@ -1,7 +1,7 @@
 """The decode stack kernel (models/decode_stack.py, kernels/cpu_decode_stack.cpp): a decode-only
 step's hidden states are bit for bit those of the model's own layers, for 4-bit and int8
-weights, a Q/K/V bias (Qwen2) and batches that mix decodes with prompt chunks; models or steps
-it does not serve fall back to the layers."""
+weights, a Q/K/V bias (Qwen2), per-head Q/K norms (Qwen3) and batches that mix decodes with
+prompt chunks; models or steps it does not serve fall back to the layers."""
 
 from __future__ import annotations
 
@@ -59,6 +59,23 @@ def test_stack_equals_layers_bit_for_bit(tmp_path, embedded_gguf, arch, quantiza
     assert checked.served >= 6 and checked.stack.enabled
     cache = checked.model.model.layers[0].self_attn.attn.k_cache
     assert cache.dtype == (torch.float16 if kv_dtype == "auto" else torch.float32)  # auto: fp16 for low-bit weights
+    assert all(len(t) == 6 + 3 * i for i, t in enumerate(tokens))
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_qwen3_qk_norm_stack_equals_layers_bit_for_bit(tmp_path, embedded_gguf, quantization, prompts):
+    folder, model = make_tiny_checkpoint(tmp_path / "qwen3", "qwen3")
+    # Q/K norm weights are ones at init: random ones, different per layer and between Q and K, show
+    # that each layer's own weights reach the kernel (and Q's not in K's place).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1.0, 0.5)
+    model.save_pretrained(folder)
+    checked, tokens = _run(folder, embedded_gguf, quantization, prompts=prompts)
+    assert checked.model.model.layers[0].self_attn.qk_norm
+    assert checked.served >= (5 if prompts == 1 else 6) and checked.stack.enabled
     assert all(len(t) == 6 + 3 * i for i, t in enumerate(tokens))
 
 

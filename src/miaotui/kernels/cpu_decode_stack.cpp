@@ -3,25 +3,27 @@
 //
 // Why: on 2 CPU cores a batch-1 decode step of a small model spent about a third of its time in
 // Python (module calls, views and op dispatch: ~270 us per layer against ~450 us of kernels).
-// This op runs every layer's norm, QKV matmul, rotary, K/V write, paged attention, O matmul,
-// residual, norm, gate/up matmul, silu-and-mul, down matmul and residual by calling the same
-// kernels as the layers do (cpu_ops.h), in the same order on the same fp32 values, so its
-// output is bit for bit the eager step's. Built by kernels/cpu_build.py.
+// This op runs every layer's norm, QKV matmul, Q/K head norms (Qwen3), rotary, K/V write, paged
+// attention, O matmul, residual, norm, gate/up matmul, silu-and-mul, down matmul and residual by
+// calling the same kernels as the layers do (cpu_ops.h), in the same order on the same fp32
+// values, so its output is bit for bit the eager step's. Built by kernels/cpu_build.py.
 #include <cstring>
 
 #include <immintrin.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <torch/library.h>
 
 #include "cpu_ops.h"
 
 namespace {
 
-// Tensors per layer in `weights`, in this order.
+// Tensors per layer in `weights`, in this order. kQNorm / kKNorm: the RMSNorm weights [D] shared by all
+// Q heads / all K heads (Qwen3), or both empty for a model without Q/K norms.
 enum Slot : int64_t {
-  kInNorm, kQkv, kQkvScales, kQkvBias, kO, kOScales, kPostNorm, kGateUp, kGateUpScales, kDown, kDownScales,
-  kSlotsPerLayer
+  kInNorm, kQkv, kQkvScales, kQkvBias, kQNorm, kKNorm, kO, kOScales, kPostNorm, kGateUp, kGateUpScales, kDown,
+  kDownScales, kSlotsPerLayer
 };
 
 // x [M, K] @ W^T for a weight of either kind: q4 rows (cpu_q4.h; uint8 [N, K / 32 * 20 or 24]: fp16 or
@@ -69,7 +71,7 @@ namespace miaotui_cpu {
 
 // h [B, hidden]: the embeddings of B single-token sequences (row b is sequence b). cos and
 // signed_sin [B, 1, D]: RotaryEmbedding.cos_sin of their positions. weights: kSlotsPerLayer
-// tensors per layer (an absent QKV bias is an empty tensor). k_caches / v_caches: one pair per
+// tensors per layer (an absent QKV bias or Q/K norm is an empty tensor). k_caches / v_caches: one pair per
 // layer, written at slot_mapping [B]. block_tables [B, nb] and seq_lens [B] as the paged
 // attention kernel takes them. Returns the last layer's output (before the final norm).
 at::Tensor decode_stack(const at::Tensor& h_in, const at::Tensor& cos, const at::Tensor& signed_sin,
@@ -98,13 +100,21 @@ at::Tensor decode_stack(const at::Tensor& h_in, const at::Tensor& cos, const at:
                 ": caches must be contiguous fp32 or fp16 [blocks, block_size, ", num_kv_heads,
                 ", D] of one shape and dtype");
     const int64_t D = k_cache.size(3), q_width = num_heads * D, kv_width = num_kv_heads * D;
-    // Attention: norm, QKV (+ bias), rotary of the Q and K heads together, K/V into the cache.
+    // Attention: norm, QKV (+ bias), Q/K head norms, rotary of the Q and K heads together, K/V into the cache.
     at::Tensor qkv = linear(rms_norm(h, w[kInNorm], eps), w[kQkv], w[kQkvScales]);
     if (w[kQkvBias].numel() != 0) qkv = qkv.add(w[kQkvBias]);
     TORCH_CHECK(qkv.size(1) == q_width + 2 * kv_width, "decode_stack: layer ", l, ": QKV width ", qkv.size(1),
                 " does not match the head counts");
-    const at::Tensor qk = rotary(qkv.narrow(1, 0, q_width + kv_width).view({B, num_heads + num_kv_heads, D}),
-                                 cos, signed_sin);  // [B, H + KVH, D], contiguous
+    at::Tensor heads = qkv.narrow(1, 0, q_width + kv_width).view({B, num_heads + num_kv_heads, D});
+    TORCH_CHECK((w[kQNorm].numel() == 0) == (w[kKNorm].numel() == 0), "decode_stack: layer ", l,
+                ": give both Q and K norm weights or neither");
+    if (w[kQNorm].numel() != 0) {
+      // As the layers: each head's D values normalized by the kernel, Q heads then K heads, before RoPE.
+      const at::Tensor q_heads = heads.narrow(1, 0, num_heads).contiguous();
+      const at::Tensor k_heads = heads.narrow(1, num_heads, num_kv_heads).contiguous();
+      heads = at::cat({rms_norm(q_heads, w[kQNorm], eps), rms_norm(k_heads, w[kKNorm], eps)}, 1);
+    }
+    const at::Tensor qk = rotary(heads, cos, signed_sin);  // [B, H + KVH, D], contiguous
     write_rows(qk.data_ptr<float>() + q_width, q_width + kv_width, kv_width, slots, B, k_cache);
     write_rows(qkv.data_ptr<float>() + q_width + kv_width, qkv.size(1), kv_width, slots, B, v_cache);
     const at::Tensor q = qk.narrow(1, 0, num_heads).contiguous();

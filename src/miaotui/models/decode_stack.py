@@ -5,10 +5,10 @@ The kernel calls the very kernels the layers call, in the same order, so a step'
 states are bit for bit the eager layers' (tests/unit/test_decode_stack.py). It serves steps
 whose every token is a decode of an fp32 CPU model whose layers all run on miaotui's CPU
 kernels: 4-bit or int8 projections (`Int4Linear` "q4" / `Int8Linear` "q8"), no bias but
-Q/K/V's, the RMSNorm kernel, plain causal attention over fp32 or fp16 caches, RoPE in every layer and
-no Q/K norm. Anything else (prompt chunks, sliding windows, Qwen3's Q/K norm, SmolLM3's RoPE-less layers,
-Phi-4-mini's partial rotary, torch's int4 kernel, a sharded model, --compile-decode) keeps the
-layers' own forward.
+Q/K/V's, the RMSNorm kernel (also for Qwen3's per-head Q/K norms, one eps for every norm), plain causal
+attention over fp32 or fp16 caches and RoPE in every layer. Anything else (prompt chunks, sliding windows,
+SmolLM3's RoPE-less layers, Phi-4-mini's partial rotary, torch's int4 kernel, a sharded model,
+--compile-decode) keeps the layers' own forward.
 """
 
 from __future__ import annotations
@@ -45,26 +45,29 @@ def _linear_tensors(linear: nn.Module, with_bias: bool) -> list[torch.Tensor] | 
 
 
 def _norm_weight(norm: nn.Module, eps: float) -> torch.Tensor | None:
-    ok = (isinstance(norm, RMSNorm) and norm._cpu_rms_norm is not None and norm.eps == eps
+    # Exactly RMSNorm: a subclass (Gemma's OffsetRMSNorm scales by 1 + w) computes something else.
+    ok = (type(norm) is RMSNorm and norm._cpu_rms_norm is not None and norm.eps == eps
           and norm.weight.dtype is torch.float32)
     return norm.weight.contiguous() if ok else None
 
 
 def _layer_tensors(layer: nn.Module, eps: float) -> list[torch.Tensor] | None:
-    """The kernel's 11 tensors of one decoder layer (kernels/cpu_decode_stack.cpp, `Slot`)."""
+    """The kernel's 13 tensors of one decoder layer (kernels/cpu_decode_stack.cpp, `Slot`)."""
     attn, mlp = layer.self_attn, layer.mlp
     paged = attn.attn
     if paged.sliding_window is not None or paged.score_bias is not None or attn.head_dim % 8:
         return None
-    # The kernel rotates Q/K straight after the QKV matmul: no per-head norm, no layer without RoPE,
-    # and whole heads (its rotate_half pairs channel i with i + head_dim/2, not i + rotary_dim/2).
-    if (getattr(attn, "qk_norm", False) or not getattr(attn, "use_rope", True)
-            or getattr(attn, "rotary_dim", attn.head_dim) != attn.head_dim):
+    # The kernel rotates Q/K (after their per-head norms, if any) in every layer, and whole heads
+    # (its rotate_half pairs channel i with i + head_dim/2, not i + rotary_dim/2).
+    if not getattr(attn, "use_rope", True) or getattr(attn, "rotary_dim", attn.head_dim) != attn.head_dim:
         return None
-    parts = [[_norm_weight(layer.input_layernorm, eps)], _linear_tensors(attn.qkv_proj, True),
+    qk_norms = [_EMPTY, _EMPTY]
+    if getattr(attn, "qk_norm", False):
+        qk_norms = [_norm_weight(attn.q_norm, eps), _norm_weight(attn.k_norm, eps)]
+    parts = [[_norm_weight(layer.input_layernorm, eps)], _linear_tensors(attn.qkv_proj, True), qk_norms,
              _linear_tensors(attn.o_proj, False), [_norm_weight(layer.post_attention_layernorm, eps)],
              _linear_tensors(mlp.gate_up_proj, False), _linear_tensors(mlp.down_proj, False)]
-    if any(part is None or part[0] is None for part in parts):
+    if any(part is None or any(tensor is None for tensor in part) for part in parts):
         return None
     return [tensor for part in parts for tensor in part]
 
