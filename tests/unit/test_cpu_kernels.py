@@ -24,6 +24,7 @@ from miaotui.layers.quantized import Q4_DENSE_MIN_ROWS, Int4Linear, Int8Linear
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
 
 Q4_WIDE_ROWS = 4  # kWideRows of cpu_matmul.cpp: fewer rows take the 16-bit activation path
+VNNI_ROWS = 8  # kVnniRows of cpu_q4.h: from here, 16-bit activations again where AVX-512 VNNI runs
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(),
                                 reason="miaotui's CPU kernels need x86 AVX2/FMA/F16C and a C++ compiler")
@@ -43,8 +44,14 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.shape[1] * 2**-24 * (x.abs() @ w.abs().t()) + 1e-6
 
 
+def _rounds_to_int16(rows: int) -> bool:
+    """Steps under Q4_WIDE_ROWS rows take the batch-1 kernels' 16-bit activations; from
+    VNNI_ROWS rows too where the AVX-512 VNNI kernels run (cpu_matmul_vnni.cpp); others fp32."""
+    return rows < Q4_WIDE_ROWS or (rows >= VNNI_ROWS and torch.ops.miaotui_cpu.wide_int16_available())
+
+
 def _int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Rows of a batch under Q4_WIDE_ROWS are rounded to 16 bits per group of 32 (step sx = the
+    """Rows rounded to 16 bits per group of 32 (step sx = the
     group's max |x| / 32767): each x moves by at most sx / 2, so y by sum_g sx_g / 2 * sum |w_g|."""
     m, k = x.shape
     step = x.view(m, k // 32, 32).abs().amax(-1) / 32767
@@ -69,9 +76,9 @@ def test_q4_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows, fp16, n, k
         y = layer(x)
     ref = x @ w.t() + bias
     assert y.shape == (rows, n) and y.dtype == torch.float32
-    bound = _fp32_bound(x, w) + (_int16_bound(x, w) if rows < Q4_WIDE_ROWS else 0)
+    bound = _fp32_bound(x, w) + (_int16_bound(x, w) if _rounds_to_int16(rows) else 0)
     assert ((y - ref).abs() <= bound).all()
-    if rows < Q4_WIDE_ROWS:  # 16-bit activations: far inside what bf16 ones (2^-9 of each |x|) allow
+    if _rounds_to_int16(rows):  # 16-bit activations: far inside what bf16 ones (2^-9 of each |x|) allow
         assert ((y - ref).abs() <= 2**-12 * (x.abs() @ w.abs().t())).all()
 
 
@@ -96,7 +103,9 @@ def test_bf16_and_3d_inputs_go_through_the_same_kernel():
         y = layer(x)
         y16 = layer(x.bfloat16())
     assert y.shape == (2, 3, 64)
-    torch.testing.assert_close(y, x @ weight.dequantized().t(), rtol=1e-5, atol=1e-5)
+    w, x2d = weight.dequantized(), x.reshape(6, 64)
+    bound = _fp32_bound(x2d, w) + (_int16_bound(x2d, w) if _rounds_to_int16(6) else 0)
+    assert ((y.reshape(6, 64) - x2d @ w.t()).abs() <= bound).all()
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), x.bfloat16().float() @ weight.dequantized().t(), rtol=1e-2, atol=1e-2)
 
@@ -113,7 +122,8 @@ def test_q8_linear_is_the_fp32_matmul_of_the_dequantized_weight(rows):
     with torch.inference_mode():
         y = layer(x)
     ref = x @ w.t() + layer.bias
-    assert ((y - ref).abs() <= _fp32_bound(x, w)).all()
+    bound = _fp32_bound(x, w) + (_int16_bound(x, w) if rows >= VNNI_ROWS and _rounds_to_int16(rows) else 0)
+    assert ((y - ref).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 17])
@@ -137,11 +147,47 @@ def test_q8_0_head_is_the_fp32_matmul_of_the_tables_own_weights(rows):
     x = torch.randn(rows, 96, generator=gen)
     y = head(x)
     assert y.shape == (rows, 300)
-    bound = _fp32_bound(x, w) + (_int16_bound(x, w) if rows < Q4_WIDE_ROWS else 0)  # the q4 kernel's policy
+    bound = _fp32_bound(x, w) + (_int16_bound(x, w) if _rounds_to_int16(rows) else 0)  # the q4 kernel's policy
     assert ((y - x @ w.t()).abs() <= bound).all()
     assert isinstance(_tied_head(nn.Embedding(300, 96)), Int8Linear)  # a dense table: an int8 copy
     with pytest.raises(RuntimeError, match="group_scales must be contiguous fp32"):
         torch.ops.miaotui_cpu.q8_group_linear(x.contiguous(), codes, scale[:, :2].contiguous())
+
+
+@pytest.mark.skipif(not cpu_kernels_available() or not torch.ops.miaotui_cpu.wide_int16_available(),
+                    reason="the many-row 16-bit kernels need AVX-512 VNNI (and MIAOTUI_CPU_WIDE_INT16 not 0)")
+@pytest.mark.parametrize("kind", ["q4_fp16", "q4_fp32", "q8_row", "q8_group"])
+def test_many_row_steps_compute_each_row_as_a_batch_1_step(kind):
+    """The VNNI kernels' batches (blocks of 16 activation rows with a partial last one; tiles of
+    8 weight rows, then 4, 2, 1) give every row what the batch-1 kernels give it alone, up to fp32
+    summation order: the same 16-bit rounding of x, the same exact integer dots."""
+    from miaotui.layers.packed import Int8GroupWeight
+    from miaotui.layers.quantized import Int8GroupHead, PackedEmbedding
+
+    gen = torch.Generator().manual_seed(30)
+    n, k = 53, 160
+    if kind == "q8_group":
+        codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4).half().float()
+        layer = Int8GroupHead(PackedEmbedding(Int8GroupWeight(codes, scale), torch.float32))
+        w = codes.float() * scale.repeat_interleave(32, dim=1)
+    elif kind == "q8_row":
+        layer = Int8Linear(torch.randn(n, k, generator=gen) * 0.05, None)
+        w = layer.dequantized()
+    else:
+        weight = (_gguf_like_q4_1(n, k, gen) if kind == "q4_fp16"
+                  else quantize_int4(torch.randn(n, k, generator=gen) * 0.05))
+        layer = Int4Linear(weight, None)
+        w = weight.dequantized()
+    x = torch.randn(23, k, generator=gen) * torch.logspace(-3, 2, 23)[:, None]  # rows of very different scales
+    with torch.inference_mode():
+        batch = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(23)])
+    bound = _fp32_bound(x, w)
+    if kind == "q8_row":  # its batch-1 kernel keeps fp32 activations: the 16-bit rounding is the difference
+        bound = bound + _int16_bound(x, w)
+    assert ((batch - alone).abs() <= bound).all()
+    assert ((batch - x @ w.t()).abs() <= _fp32_bound(x, w) + _int16_bound(x, w)).all()
 
 
 def test_bad_blocks_are_refused_by_name():

@@ -33,7 +33,8 @@ import torch
 logger = logging.getLogger("miaotui")
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_matmul_int16.cpp", _HERE / "cpu_attention.cpp",
+_SOURCES = (_HERE / "cpu_matmul.cpp", _HERE / "cpu_matmul_int16.cpp", _HERE / "cpu_matmul_vnni.cpp",
+            _HERE / "cpu_attention.cpp",
             _HERE / "cpu_elementwise.cpp", _HERE / "cpu_decode_stack.cpp")
 _HEADERS = (_HERE / "cpu_simd.h", _HERE / "cpu_ops.h", _HERE / "cpu_q4.h")
 _ARCH_FLAGS = ("-mavx2", "-mfma", "-mf16c")

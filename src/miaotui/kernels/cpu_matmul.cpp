@@ -7,10 +7,11 @@
 // their scales d, then their offsets m (fp16, or fp32 where fp16 would not hold them exactly);
 // w = q * d + m, q in 0..15.
 //
-// Steps of kWideRows rows or more keep activations fp32: every product is an fp32 FMA on the
-// exactly dequantized weight, so the result equals x @ W^T of the dequantized weight up to
-// summation order. Fewer rows (batch-1 decode) take the 16-bit-activation kernels of
-// cpu_matmul_int16.cpp.
+// Steps of fewer than kWideRows rows (batch-1 decode) take the 16-bit-activation kernels of
+// cpu_matmul_int16.cpp; from kVnniRows rows, on CPUs with AVX-512 VNNI, the same arithmetic in
+// cpu_matmul_vnni.cpp (exact integer products, twice the fp32 FMA rate). Other steps keep
+// activations fp32: every product is an fp32 FMA on the exactly dequantized weight, so the
+// result equals x @ W^T of the dequantized weight up to summation order.
 #include <algorithm>
 #include <utility>
 #include <cmath>
@@ -147,6 +148,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
               "q8_linear: scales must be contiguous fp32 [N]");
   at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (M >= kVnniRows && wide_int16_available()) {
+    q8_wide_int16_matmul(x.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), true,
+                         y.data_ptr<float>(), N);
+    return y;
+  }
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   tiled_rows(x.data_ptr<float>(), M, K, y.data_ptr<float>(), N, [=](int64_t n) {
@@ -170,6 +177,11 @@ at::Tensor q8_group_linear(const at::Tensor& x, const at::Tensor& qweight, const
   if (M < kWideRows) {
     q8_group_int16_matmul(x.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(),
                           y.data_ptr<float>(), N);
+    return y;
+  }
+  if (M >= kVnniRows && wide_int16_available()) {
+    q8_wide_int16_matmul(x.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), group_scales.data_ptr<float>(), false,
+                         y.data_ptr<float>(), N);
     return y;
   }
   // w = d * q per group of 32 (GGUF's Q8_0; d an fp16 value held in fp32): q * d is exact in
@@ -212,6 +224,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& blocks, bool fp16_sc
     q4_int16_matmul(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), fp16_scales, y.data_ptr<float>(), N);
     return y;
   }
+  if (M >= kVnniRows && wide_int16_available()) {
+    q4_wide_int16_matmul(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), fp16_scales, y.data_ptr<float>(), N);
+    return y;
+  }
   (fp16_scales ? q4_tiled<uint16_t> : q4_tiled<float>)(x.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(),
                                                         y.data_ptr<float>(), N);
   return y;
@@ -232,6 +248,8 @@ TORCH_LIBRARY(miaotui_cpu, lib) {
   lib.def("q4_dequantize(Tensor blocks, int in_features, bool fp16_scales) -> Tensor");
   lib.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   lib.def("q8_group_linear(Tensor x, Tensor qweight, Tensor group_scales) -> Tensor");
+  // No tensors to dispatch on: one implementation for every backend.
+  lib.def("wide_int16_available() -> bool", &miaotui_cpu::wide_int16_available);
 }
 
 TORCH_LIBRARY_IMPL(miaotui_cpu, CPU, lib) {

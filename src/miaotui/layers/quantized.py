@@ -4,8 +4,9 @@ the model pass that swaps them in.
 - int4: groups of 32 input features, asymmetric (w = (q - 8) * scale + zero, q in 0..15), on
   one of two kernels:
   - "q4", where miaotui's own CPU kernel builds (kernels/cpu_build.py): the q4 layout of
-    layers/int4_blocks.py, fp32 activations (rounded to 16 bits per group of 32 in steps of 1-3
-    rows), exact fp32 products; from Q4_DENSE_MIN_ROWS rows the weight is dequantized and
+    layers/int4_blocks.py, fp32 activations rounded to 16 bits per group of 32 (steps of 1-3
+    rows, and of 8 or more on CPUs with AVX-512 VNNI) with exact integer products, else exact
+    fp32 products; without VNNI, from Q4_DENSE_MIN_ROWS rows the weight is dequantized and
     multiplied by a dense fp32 GEMM.
   - "torch", the fallback: packed by `_convert_weight_to_int4pack_for_cpu`, multiplied by
     `_weight_int4pack_mm_for_cpu` with bf16 activations; from DENSE_MIN_ROWS rows (a prompt)
@@ -22,13 +23,14 @@ it decides every token.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import fields
 
 import torch
 from torch import nn
 
-from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.kernels.cpu_build import cpu_kernels_available, cpu_op
 from miaotui.layers.int4_blocks import pack_q4_blocks
 from miaotui.layers.int4_unpack import dequantize_packed_t, packed_block_rows
 from miaotui.layers.packed import INT4_GROUP, Q8_GROUP, Int4Weight, Int8GroupWeight, Q4Blocks, quantize_int4
@@ -51,6 +53,17 @@ _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _INT8_MM = _INT8_MM.default if _INT8_MM is not None else None
 
 
+@functools.lru_cache(maxsize=1)
+def _wide_int16() -> bool:
+    """miaotui's kernels run steps of many rows on 16-bit activations themselves (AVX-512 VNNI,
+    kernels/cpu_matmul_vnni.cpp): faster than dequantizing for a dense fp32 GEMM at every size
+    measured (1.5-3x at 16-2048 rows on a 2-core AVX-512 machine, whose fp32 GEMM runs at
+    ~190 GFLOP/s), and the batch-1 kernels' arithmetic, so a prompt's rows are computed as its
+    decode steps are."""
+    op = cpu_op("wide_int16_available")
+    return op is not None and bool(op())
+
+
 def quantization_supported(mode: str) -> bool:
     if mode == "int4":
         return _INT4_MM is not None and _PACK_INT4 is not None
@@ -66,6 +79,7 @@ class _WeightOnlyLinear(nn.Module):
 
     out_features: int
     own_kernel: bool
+    wide_int16 = False  # set where the own kernel runs many rows itself (`_wide_int16`)
 
     def __init__(self, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -87,7 +101,7 @@ class _WeightOnlyLinear(nn.Module):
         if not self.own_kernel:
             return self._matmul(x2d.to(_ACT_DTYPE)).to(x2d.dtype)
         x32 = x2d.float().contiguous()  # no-ops for the models' fp32 flat batches
-        if x32.shape[0] >= Q4_DENSE_MIN_ROWS:
+        if x32.shape[0] >= Q4_DENSE_MIN_ROWS and not self.wide_int16:
             return torch.nn.functional.linear(x32, self._dense_weight()).to(x2d.dtype)
         return self._own_matmul(x32).to(x2d.dtype)
 
@@ -118,6 +132,7 @@ class Int8Linear(_WeightOnlyLinear):
         if self.kernel == "q8" and not q8_runs:
             raise ValueError("int8 kernel q8: needs miaotui's CPU kernels and in_features a multiple of 32")
         self.own_kernel = self.kernel == "q8"
+        self.wide_int16 = self.own_kernel and _wide_int16()
         self.register_buffer("qweight", torch.empty(self.out_features, self.in_features, dtype=torch.int8))
         # Scales are bf16-rounded either way; the q8 kernel reads them as fp32 (the same values).
         scale_dtype = torch.float32 if self.own_kernel else _ACT_DTYPE
@@ -159,6 +174,7 @@ class Int4Linear(_WeightOnlyLinear):
         q4_runs = cpu_kernels_available()
         self.kernel = kernel or ("q4" if q4_runs else "torch")
         self.own_kernel = self.kernel == "q4"
+        self.wide_int16 = self.own_kernel and _wide_int16()
         if isinstance(weight, Q4Blocks) and not self.own_kernel:
             weight = weight.to_int4()
         if self.own_kernel:
