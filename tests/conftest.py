@@ -27,6 +27,10 @@ TINY_GEMMA2 = dict(_GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=
 TINY_GEMMA3 = dict(_GEMMA, rope_parameters={
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})
+# Mixture-of-experts: 8 experts, 2 per token; Qwen3-MoE's dense layers keep intermediate_size.
+TINY_MIXTRAL = dict(TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+TINY_QWEN3_MOE = dict(TINY, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True)
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
 TINY_BLOOM = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
 # d_kv * num_heads (32) != d_model (64): the attention inner width differs from the model width.
@@ -62,25 +66,28 @@ def _untie_t5_head(model, folder: Path) -> None:
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
     """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | qwen3 | smollm3 |
-    gemma2 | gemma3 | gpt2 | bloom | t5) to `folder`. Gemma's norm weights (zero at init: a factor
+    gemma2 | gemma3 | mixtral | qwen3_moe | gpt2 | bloom | t5) to `folder`. MoE routers are scaled
+    up (random ones at init give near-uniform routes, where any rounding could pick other experts). Gemma's norm weights (zero at init: a factor
     of 1 + w = 1) are made random, so the (1 + w) offset is exercised. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
     from transformers import (BloomConfig, BloomForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                               Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                              SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5ForConditionalGeneration)
+                              MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
                "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
                "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration),
-               "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}
+               "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+               "mixtral": (MixtralConfig, MixtralForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
     config_cls, model_cls = classes[arch]
     untied_head = overrides.pop("untied_head", False)
     torch.manual_seed(seed)
     base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM, "t5": TINY_T5, "gemma2": TINY_GEMMA2,
-            "gemma3": TINY_GEMMA3}.get(arch, TINY)
+            "gemma3": TINY_GEMMA3, "mixtral": TINY_MIXTRAL, "qwen3_moe": TINY_QWEN3_MOE}.get(arch, TINY)
     config = config_cls(**{**base, **overrides})
     if arch.startswith("gemma"):
         config._attn_implementation = "eager"  # the reference for soft-capping (SDPA cannot cap)
@@ -92,6 +99,11 @@ def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **ove
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.normal_(0.0, 0.5)
+    if arch in ("mixtral", "qwen3_moe"):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    param.mul_(8.0)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     if untied_head:

@@ -4,7 +4,7 @@ Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy i
 32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2, Qwen3
 (Q/K norm; head_dim 32 != hidden / heads; with and without biases), SmolLM3 (RoPE-less layers) and
 Gemma 2 (soft-capped attention and logits) and Gemma 3 ((1 + w) norms, local and global layers with their
-own RoPE, Q/K norm), GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
+own RoPE, Q/K norm), Mixtral and Qwen3-MoE (top-2 of 8 experts; dense layers between), GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
 (ALiBi; 6 heads exercise the slopes beyond a power of two).
 """
 
@@ -44,6 +44,12 @@ VARIANTS = {
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3", {}),
     "gemma3-window-16-mha": ("gemma3", {"sliding_window": 16, "num_key_value_heads": 4}),
+    # Mixture-of-experts: 8 experts, top-2 (Mixtral renormalises; Qwen3-MoE as its config says,
+    # and with decoder_sparse_step 2 its odd layers are dense).
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3_moe", {}),
+    "qwen3-moe-sparse-step-unnormalised": ("qwen3_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
+                                                         "norm_topk_prob": False}),
     "gpt2": ("gpt2", {}),
     "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
                                   "n_inner": 96}),

@@ -78,7 +78,7 @@ def test_unsupported_architecture_messages_list_the_new_ones(tmp_path):
     assert model_class(SimpleNamespace(architectures=["Qwen3ForCausalLM"])) is LlamaForCausalLM
     assert model_class(SimpleNamespace(architectures=["SmolLM3ForCausalLM"])) is LlamaForCausalLM
     with pytest.raises(UnsupportedModelError, match=r"Qwen3ForCausalLM.*SmolLM3ForCausalLM"):
-        model_class(SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]))
+        model_class(SimpleNamespace(architectures=["Qwen3NextForCausalLM"]))
     _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
     path = write_llama_gguf(tmp_path / "falcon.gguf", hf_model, lambda n: "F32", arch="falcon")
     with pytest.raises(UnsupportedModelError, match=r"'falcon'.*supported: llama, qwen2, qwen3, phi3, smollm3"):

@@ -45,8 +45,9 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     with pytest.raises(UnsupportedModelError,
                        match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
                              r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
-                             r"MT5ForConditionalGeneration, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-                             r"SmolLM3ForCausalLM, T5ForConditionalGeneration"):
+                             r"MT5ForConditionalGeneration, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
+                             r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, "
+                             r"T5ForConditionalGeneration"):
         _load(tmp_path)
 
 

@@ -289,7 +289,8 @@ def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = f
         raise ValueError(f"quantization: {mode} needs torch's low-bit CPU kernels, which torch "
                          f"{torch.__version__} lacks")
     native = sum(isinstance(module, Int4Linear) for module in model.modules())
-    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    swaps = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and not getattr(module, "keep_dense", False)]  # not MoE routers
     for name, linear in swaps:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

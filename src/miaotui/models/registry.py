@@ -11,6 +11,7 @@ from miaotui.models.bloom import BloomForCausalLM
 from miaotui.models.gemma import GemmaForCausalLM
 from miaotui.models.gpt2 import GPT2LMHeadModel
 from miaotui.models.llama import LlamaForCausalLM
+from miaotui.models.moe import MoEForCausalLM
 from miaotui.models.t5 import T5ForConditionalGeneration
 
 _MODELS: dict[str, type[nn.Module]] = {
@@ -21,9 +22,11 @@ _MODELS: dict[str, type[nn.Module]] = {
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MoEForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,  # a Llama with pre-fused projections, longrope, partial rotary
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM,
     "SmolLM3ForCausalLM": LlamaForCausalLM,
     "MT5ForConditionalGeneration": T5ForConditionalGeneration,
     "T5ForConditionalGeneration": T5ForConditionalGeneration,
