@@ -140,15 +140,17 @@ def _add_special_ids(writer, cfg) -> None:
             getattr(writer, f"add_{kind}_token_id")(getattr(cfg, f"{kind}_token_id"))
 
 
-def random_q4_k(name: str, shape: tuple[int, int]) -> np.ndarray:
-    """Q4_K super-blocks of a [n, k] matrix (the gguf package cannot quantize to Q4_K): random codes
-    and 6-bit scales, d and dmin small enough for weights of a random model's size."""
+def random_q4_k(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Q4_K super-blocks of a [..., n, k] matrix (stacked experts have a leading dim; the gguf
+    package cannot quantize to Q4_K): random codes and 6-bit scales, d and dmin small enough for
+    weights of a random model's size."""
     rng = np.random.default_rng(sum(name.encode()))
-    n, k = shape
+    *lead, k = shape
+    n = int(np.prod(lead))
     raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
     raw[..., 0:2] = np.full((n, k // 256, 1), 0.0002, np.float16).view(np.uint8)
     raw[..., 2:4] = np.full((n, k // 256, 1), 0.0001, np.float16).view(np.uint8)
-    return raw.reshape(n, -1)
+    return raw.reshape(*lead, -1)
 
 
 def add_any(writer, target: str, w: np.ndarray, quant: str) -> None:

@@ -15,6 +15,34 @@ from miaotui.layers.quantized import Int4Linear, Int8Linear
 from tests.conftest import make_tiny_checkpoint
 
 
+def dequantized_reference(hf, model):
+    """A copy of transformers' MoE model `hf` holding our `model`'s dequantized weights of every
+    quantized matrix (attention, experts, head): a reference for quantized miaotui runs."""
+    ref = type(hf)(hf.config).eval()
+    ref.load_state_dict(hf.state_dict())
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    with torch.no_grad():
+        for theirs, ours, block in zip(ref.model.layers, model.model.layers, blocks):
+            attn = ours.self_attn
+            q, k, v = attn.qkv_proj._dense_weight().split([attn.q_size, attn.kv_size, attn.kv_size])
+            for proj, w in ((theirs.self_attn.q_proj, q), (theirs.self_attn.k_proj, k), (theirs.self_attn.v_proj, v),
+                            (theirs.self_attn.o_proj, attn.o_proj._dense_weight())):
+                proj.weight.copy_(w)
+            theirs.mlp.experts.gate_up_proj.copy_(torch.stack([e.gate_up_proj._dense_weight() for e in block.experts]))
+            theirs.mlp.experts.down_proj.copy_(torch.stack([e.down_proj._dense_weight() for e in block.experts]))
+        ref.lm_head.weight.copy_(model.lm_head._dense_weight())
+    return ref
+
+
+def assert_top_logprobs_match(out, ref, prompt, tol: float = 2e-3) -> None:
+    """`out` (a CompletionOutput with logprobs for its first token) against `ref` on `prompt`."""
+    with torch.no_grad():
+        expected = torch.log_softmax(ref(torch.tensor([prompt])).logits[0, -1], -1)
+    assert out.token_ids[0] == int(expected.argmax())
+    for token, lp in out.logprobs[0].items():
+        assert abs(lp.logprob - expected[token].item()) <= tol
+
+
 def _llm(folder, **kw) -> LLM:
     return LLM(str(folder), skip_tokenizer_init=True, block_size=4, num_kv_blocks=256, max_model_len=256, **kw)
 
@@ -97,28 +125,12 @@ def test_quantized_experts_keep_a_dense_router_and_match_their_dequantized_weigh
         assert all(isinstance(e.gate_up_proj, linear) and isinstance(e.down_proj, linear) for e in block.experts)
     if not blocks[0].experts[0].gate_up_proj.own_kernel:
         pytest.skip("the reference needs miaotui's CPU kernels (whose dequantized weights are exact)")
-    ref = type(hf)(hf.config).eval()
-    ref.load_state_dict(hf.state_dict())
-    with torch.no_grad():
-        for theirs, ours, block in zip(ref.model.layers, model.model.layers, blocks):
-            attn = ours.self_attn
-            q, k, v = attn.qkv_proj._dense_weight().split([attn.q_size, attn.kv_size, attn.kv_size])
-            for proj, w in ((theirs.self_attn.q_proj, q), (theirs.self_attn.k_proj, k), (theirs.self_attn.v_proj, v),
-                            (theirs.self_attn.o_proj, attn.o_proj._dense_weight())):
-                proj.weight.copy_(w)
-            theirs.mlp.experts.gate_up_proj.copy_(torch.stack([e.gate_up_proj._dense_weight() for e in block.experts]))
-            theirs.mlp.experts.down_proj.copy_(torch.stack([e.down_proj._dense_weight() for e in block.experts]))
-        ref.lm_head.weight.copy_(model.lm_head._dense_weight())
+    ref = dequantized_reference(hf, model)
     torch.manual_seed(2)
     prompt = torch.randint(0, 256, (10,)).tolist()
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, temperature=0, logprobs=8),
                        use_tqdm=False)[0].outputs[0]
-    with torch.no_grad():
-        expected = torch.log_softmax(ref(torch.tensor([prompt])).logits[0, -1], -1)
-    got = out.logprobs[0]
-    assert out.token_ids[0] == int(expected.argmax())
-    for token, lp in got.items():
-        assert abs(lp.logprob - expected[token].item()) <= 2e-3
+    assert_top_logprobs_match(out, ref, prompt)
 
 
 def test_stacked_expert_tensors_load_as_per_expert_ones(tmp_path, tiny):

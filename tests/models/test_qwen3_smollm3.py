@@ -81,5 +81,5 @@ def test_unsupported_architecture_messages_list_the_new_ones(tmp_path):
         model_class(SimpleNamespace(architectures=["Qwen3NextForCausalLM"]))
     _, hf_model = make_tiny_checkpoint(tmp_path / "hf", "llama")
     path = write_llama_gguf(tmp_path / "falcon.gguf", hf_model, lambda n: "F32", arch="falcon")
-    with pytest.raises(UnsupportedModelError, match=r"'falcon'.*supported: llama, qwen2, qwen3, phi3, smollm3"):
+    with pytest.raises(UnsupportedModelError, match=r"'falcon'.*supported: llama, qwen2, qwen3, qwen3moe, phi3, smollm3"):
         load_model(resolve_model(str(path)), ModelConfig(model=str(path)))

@@ -83,7 +83,7 @@ def test_unsupported_gguf_architecture_fails_fast_before_the_tokenizer(tmp_path,
     assert peek_architecture(path) == "mamba9"
     start = time.perf_counter()
     with pytest.raises(UnsupportedModelError,
-                       match=r"mamba\.gguf: unsupported GGUF architecture 'mamba9'; supported: llama, qwen2, qwen3, phi3, "
+                       match=r"mamba\.gguf: unsupported GGUF architecture 'mamba9'; supported: llama, qwen2, qwen3, qwen3moe, phi3, "
                              r"smollm3, gemma2, gemma3, gpt2, bloom"):
         LLM(str(path))
     assert time.perf_counter() - start < 2.0

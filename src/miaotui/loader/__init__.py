@@ -118,7 +118,7 @@ def check_model(source: ModelSource, config: ModelConfig) -> CheckedModel:
         reader = gguf_loader.open_gguf(source.path)
         hf_config = gguf_loader.gguf_hf_config(reader, source.path)
         gguf_loader.check_quant_types(reader, source.path)
-        checked = CheckedModel(source, hf_config, reader=reader, num_tensors=len(reader.tensors))
+        checked = CheckedModel(source, hf_config, reader=reader, num_tensors=gguf_loader.yielded_tensor_count(reader))
     else:
         files = st_loader.check_folder(source.path)
         hf_config = st_loader.read_hf_config(source.path)

@@ -27,16 +27,17 @@ from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
 from miaotui.loader.gguf_config import gemma_config, llama_family_config
 from miaotui.loader.gguf_index import load_index, save_index
 from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
-                                      ROPE_FREQS, check_tensor_names)
+                                      ROPE_FREQS, STACKED_EXPERTS, check_tensor_names, expert_names)
 from miaotui.loader.gguf_names import hf_tensor_name as _hf_name
 from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "qwen3moe": "Qwen3MoeForCausalLM",
                            "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
                            "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
-_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "phi3", "smollm3")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "smollm3")
 _GEMMA = ("gemma2", "gemma3")
 
 
@@ -283,11 +284,25 @@ def keeps_int4(arch: str) -> bool:
 
 def lossy_linear_names(reader: Any, path: Path) -> set[str]:
     """Hugging Face names of layer matrices stored in a quantized format other than 4-bit blocks
-    (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K): quantizing those to int4 would lose bits the file has, so they go int8."""
+    (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K): quantizing those to int4 would lose bits the file has, so they go int8.
+    A stacked expert tensor names each of its experts."""
     arch = _field(reader, "general.architecture")
-    return {hf_tensor_name(t.name, arch, path) for t in reader.tensors
-            if t.name.startswith("blk.") and len(t.shape) == 2
-            and t.tensor_type.name not in ("F32", "F16", "BF16", *INT4_TYPES)}
+    names: set[str] = set()
+    for t in reader.tensors:
+        if not t.name.startswith("blk.") or t.tensor_type.name in ("F32", "F16", "BF16", *INT4_TYPES):
+            continue
+        hf_name = hf_tensor_name(t.name, arch, path)
+        if len(t.shape) == 2:
+            names.add(hf_name)
+        elif STACKED_EXPERTS.match(hf_name):
+            names.update(expert_names(hf_name, int(t.shape[2])))
+    return names
+
+
+def yielded_tensor_count(reader: Any) -> int:
+    """How many tensors `iter_gguf_tensors` yields: stacked experts come one per expert."""
+    return sum(int(t.shape[2]) if t.name.endswith("_exps.weight") and len(t.shape) == 3 else 1
+               for t in reader.tensors if t.name not in CONFIG_TENSORS)
 
 
 def _row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -321,11 +336,20 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
             except (ValueError, IndexError) as exc:
                 raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
             continue
+        stacked = STACKED_EXPERTS.match(hf_name) is not None
+        if stacked and len(tensor.shape) != 3:
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {list(reversed(tensor.shape))}; stacked experts "
+                                 "are [experts, rows, columns]")
         if int4 and name.startswith("blk.") and kind in INT4_TYPES:
             try:
                 packed = (q4_blocks(tensor) if as_blocks else None) or unpack_int4(tensor)
             except (ValueError, IndexError) as exc:
                 raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
+            if stacked:  # expert e's rows, as stored (4-bit groups run along a row)
+                rows = int(tensor.shape[1])
+                for e, expert_name in enumerate(expert_names(hf_name, int(tensor.shape[2]))):
+                    yield expert_name, packed.rows(e * rows, rows)
+                continue
             if permute and ".q_proj." in hf_name:
                 packed = packed.permute_rows(_row_order(packed.shape[0], hf_config.num_attention_heads))
             elif permute and ".k_proj." in hf_name:
@@ -336,6 +360,10 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
             array = dequantize(tensor)
         except (ValueError, IndexError) as exc:
             raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
+        if stacked:
+            for e, expert_name in enumerate(expert_names(hf_name, array.shape[0])):
+                yield expert_name, torch.from_numpy(array[e])
+            continue
         if permute and ".q_proj." in hf_name:
             array = _unpermute(array, hf_config.num_attention_heads)
         elif permute and ".k_proj." in hf_name:

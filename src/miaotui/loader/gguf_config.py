@@ -19,7 +19,8 @@ from typing import Any
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 # llama.cpp runs every fourth SmolLM3 layer without RoPE (its smollm3 graph hard-codes the step: the
 # converter writes no key for it), as transformers' default no_rope_layer_interval = 4 does.
 SMOLLM3_NO_ROPE_INTERVAL = 4
@@ -27,7 +28,7 @@ SMOLLM3_NO_ROPE_INTERVAL = 4
 
 @dataclass(slots=True)
 class LlamaFamilyConfig:
-    model_type: str  # "llama" | "qwen2" (biased Q/K/V) | "qwen3" (Q/K norm) | "phi3" | "smollm3"
+    model_type: str  # "llama" | "qwen2" (biased Q/K/V) | "qwen3" (Q/K norm) | "phi3" | "smollm3" | "mixtral" | "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -49,6 +50,14 @@ class LlamaFamilyConfig:
     partial_rotary_factor: float | None = None  # Phi-4-mini: only this share of a head rotates
     original_max_position_embeddings: int | None = None  # Phi-3 longrope's pre-extension length
     no_rope_layers: list[int] | None = None  # SmolLM3: per layer, 1 = applies RoPE
+    # Mixture-of-experts (transformers' names: Mixtral's num_local_experts, Qwen3-MoE's num_experts).
+    num_local_experts: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool | None = None
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -102,7 +111,20 @@ def llama_family_config(arch: str, kwargs: dict[str, Any], meta: Callable[..., A
     elif arch == "smollm3":
         extra["no_rope_layers"] = [int((i + 1) % SMOLLM3_NO_ROPE_INTERVAL != 0)
                                    for i in range(kwargs["num_hidden_layers"])]
-    return LlamaFamilyConfig(model_type=arch, rope_scaling=rope_scaling, **kwargs, **extra)
+    model_type = arch
+    experts, used = meta("expert_count"), meta("expert_used_count")
+    if arch == "qwen3moe" or (arch == "llama" and experts):
+        if not experts or not used:
+            raise ModelLoadError(f"{path}: a mixture-of-experts GGUF needs {arch}.expert_count and "
+                                 f"{arch}.expert_used_count in its metadata")
+        extra["num_experts_per_tok"] = used
+        if arch == "llama":  # Mixtral: feed_forward_length is each expert's size
+            model_type, extra["num_local_experts"] = "mixtral", experts
+        else:  # every layer MoE, renormalised top-k, as llama.cpp's qwen3moe graph runs it
+            model_type, extra["num_experts"] = "qwen3_moe", experts
+            extra["moe_intermediate_size"] = meta("expert_feed_forward_length") or kwargs["intermediate_size"]
+            extra["norm_topk_prob"] = bool(meta("expert_weights_norm", True))
+    return LlamaFamilyConfig(model_type=model_type, rope_scaling=rope_scaling, **kwargs, **extra)
 
 
 # Layers per sliding-window period (the last of each period is global), fixed in llama.cpp's code

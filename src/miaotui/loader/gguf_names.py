@@ -35,6 +35,24 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Mixture-of-experts layers (Mixtral in `llama` files, `qwen3moe`): the router, and the experts
+# stacked [E, N, K] in one tensor per projection. A stacked tensor's name is a marker
+# (STACKED_EXPERTS) that the loader splits into per-expert checkpoint names (`expert_names`).
+_MOE_LAYER_NAMES = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+}
+STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+
+
+def expert_names(stacked: str, count: int) -> list[str]:
+    """The per-expert checkpoint names of a STACKED_EXPERTS marker, expert 0 first."""
+    prefix, proj = STACKED_EXPERTS.match(stacked).groups()
+    return [f"{prefix}.{e}.{proj}.weight" for e in range(count)]
+
+
 # Phi-3: the checkpoint's pre-fused projections are stored as they are (attn_qkv = qkv_proj rows
 # [q | k | v]; ffn_up = gate_up_proj rows [gate | up]), which is also the checkpoint's naming.
 _PHI3_LAYER_NAMES = {
@@ -93,8 +111,9 @@ _BLOOM_GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _LLAMA_MAPS = (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers")
+_MOE_MAPS = (_GLOBAL_NAMES, {**_LAYER_NAMES, **_MOE_LAYER_NAMES}, "model.layers")
 _NAME_MAPS = {
-    "llama": _LLAMA_MAPS, "qwen2": _LLAMA_MAPS, "qwen3": _LLAMA_MAPS, "smollm3": _LLAMA_MAPS,
+    "llama": _MOE_MAPS, "qwen2": _LLAMA_MAPS, "qwen3": _LLAMA_MAPS, "qwen3moe": _MOE_MAPS, "smollm3": _LLAMA_MAPS,
     "phi3": (_GLOBAL_NAMES, _PHI3_LAYER_NAMES, "model.layers"),
     "gemma2": (_GLOBAL_NAMES, _GEMMA_LAYER_NAMES, "model.layers"),
     "gemma3": (_GLOBAL_NAMES, _GEMMA_LAYER_NAMES, "model.layers"),
@@ -109,7 +128,8 @@ ROPE_FACTORS_LONG = "rope_factors_long.weight"
 ROPE_FACTORS_SHORT = "rope_factors_short.weight"
 CONFIG_TENSORS = frozenset({ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT})  # no parameter of the model
 # Which of them each architecture reads (rope_freqs divides the single rotary table of the Llama family).
-_READS = {"llama": {ROPE_FREQS}, "qwen2": {ROPE_FREQS}, "qwen3": {ROPE_FREQS}, "smollm3": {ROPE_FREQS},
+_READS = {"llama": {ROPE_FREQS}, "qwen2": {ROPE_FREQS}, "qwen3": {ROPE_FREQS}, "qwen3moe": {ROPE_FREQS},
+          "smollm3": {ROPE_FREQS},
           "phi3": {ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT}}
 
 # llama.cpp's converter permutes the rows of Q and K for its interleaved rotary layout only where

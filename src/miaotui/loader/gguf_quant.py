@@ -31,12 +31,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+def matrix_shape(tensor: Any) -> tuple[int, int]:
+    """(rows, row length) of a GGUF matrix; a stacked one (MoE experts, [E, N, K]) as E * N rows.
+    GGUF lists dims innermost first."""
+    k = int(tensor.shape[0])
+    return int(np.prod([int(d) for d in tensor.shape[1:]], dtype=np.int64)), k
+
+
 def unpack_int4(tensor: Any) -> Int4Weight:
     """The Int4Weight of a GGUF Q4_0 / Q4_1 / Q4_K matrix [N, K] (rows as the file stores them)."""
     from gguf.quants import Q4_K
 
     kind = tensor.tensor_type.name
-    n, k = (int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+    n, k = matrix_shape(tensor)
     raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, -1)
     if kind == "Q4_K":
         blocks = raw.reshape(n, k // 256, 144)
@@ -71,7 +78,7 @@ def q4_blocks(tensor: Any) -> Q4Blocks | None:
     kind = tensor.tensor_type.name
     if kind not in ("Q4_0", "Q4_1"):
         raise ValueError(f"{tensor.name}: GGUF type {kind} is not Q4_0 or Q4_1")
-    n, k = (int(d) for d in reversed(tensor.shape))
+    n, k = matrix_shape(tensor)
     groups = k // INT4_GROUP
     raw = np.asarray(tensor.data, dtype=np.uint8).reshape(n, groups, -1)
     rows = np.empty((n, groups * Q4_BLOCK_BYTES), dtype=np.uint8)  # the one copy out of the file's map
@@ -93,7 +100,7 @@ def unpack_q8_0(tensor: Any) -> Int8GroupWeight:
     """The Int8GroupWeight of a GGUF Q8_0 matrix [N, K]."""
     if tensor.tensor_type.name != "Q8_0":
         raise ValueError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not Q8_0")
-    n, k = (int(d) for d in reversed(tensor.shape))
+    n, k = matrix_shape(tensor)
     blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // Q8_GROUP, 34)
     scale = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
     codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)

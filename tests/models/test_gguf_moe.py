@@ -1,0 +1,98 @@
+"""Mixture-of-experts GGUF files (Qwen3-MoE as `qwen3moe`, Mixtral as `llama` with expert
+tensors), written as llama.cpp's converter writes them (experts stacked per projection):
+dequantized, they match transformers' own GGUF loader (qwen3moe) or the checkpoint they were
+written from (Mixtral, which that loader reads as a dense Llama); 4-bit experts stay 4-bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from miaotui import LLM, SamplingParams
+from miaotui.config import ModelConfig
+from miaotui.layers.moe import SparseMoE
+from miaotui.layers.quantized import Int4Linear, Int8Linear
+from miaotui.loader import load_model, resolve_model
+from tests.conftest import make_tiny_checkpoint
+from tests.gguf_writer_families import roundtrip
+from tests.gguf_writer_moe import write_moe_gguf
+from tests.models.test_gguf import assert_prompt_logits_match
+from tests.models.test_moe import assert_top_logprobs_match, dequantized_reference
+
+MATRICES = ("_exps.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+
+
+def _quant(kind: str):
+    return lambda name: kind if name.endswith(MATRICES) else "F32"
+
+
+def _dense(path: Path):
+    return load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization="none"))[0]
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_qwen3moe_file_matches_transformers_gguf_loader(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    # transformers' loader reads no expert_feed_forward_length: its default (768) must be the size.
+    _, hf = make_tiny_checkpoint(tmp_path / "hf", "qwen3_moe", moe_intermediate_size=768)
+    path = write_moe_gguf(tmp_path / f"q.{kind}.gguf", hf, _quant(kind), "qwen3moe")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    assert type(ref).__name__ == "Qwen3MoeForCausalLM"
+    model = _dense(path)
+    assert len([m for m in model.modules() if isinstance(m, SparseMoE)]) == 2
+    assert_prompt_logits_match(model, path, ref, 19)
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_mixtral_file_matches_its_checkpoint(tmp_path, kind):
+    _, hf = make_tiny_checkpoint(tmp_path / "hf", "mixtral")
+    path = write_moe_gguf(tmp_path / f"m.{kind}.gguf", hf, _quant(kind), "llama")
+    ref = type(hf)(hf.config).eval()  # the checkpoint's weights as the file stores them
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            w = hf.state_dict()[name].numpy()
+            stored = kind if (name.endswith(("proj.weight", "experts.gate_up_proj", "experts.down_proj"))
+                              and ".mlp.gate" not in name) else "F32"
+            param.copy_(torch.from_numpy(np.ascontiguousarray(roundtrip(w, stored))))
+    model = _dense(path)
+    assert type(model).__name__ == "MoEForCausalLM" and model.config.num_local_experts == 8
+    assert_prompt_logits_match(model, path, ref, 19)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q8_0"])
+def test_quantized_experts_keep_their_precision_class(tmp_path, kind):
+    """4-bit experts stay 4-bit (their own codes, on miaotui's kernels), Q8_0 ones go int8 (never
+    int4: the file has more bits); only the experts a token picks run; outputs equal the
+    reference holding the loaded weights dequantized (Q4_K's codes are random, not the
+    checkpoint's, so the checkpoint itself is no reference)."""
+    from tests.gguf_writer_families import add_any
+    import tests.gguf_writer_moe as writer_moe
+
+    sizes = (dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)
+             if kind == "Q4_K" else {})  # Q4_K rows are whole super-blocks of 256
+    _, hf = make_tiny_checkpoint(tmp_path / "hf", "qwen3_moe", **sizes)
+    original = writer_moe.add_tensor
+    writer_moe.add_tensor = add_any  # Q4_K: random blocks of each shape (the gguf package cannot write it)
+    try:
+        path = write_moe_gguf(tmp_path / f"q.{kind}.gguf", hf, _quant(kind), "qwen3moe")
+    finally:
+        writer_moe.add_tensor = original
+    llm = LLM(str(path), skip_tokenizer_init=True, block_size=4, num_kv_blocks=128, max_model_len=128)
+    model = llm.engine.runner.model
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    expected = Int8Linear if kind == "Q8_0" else Int4Linear
+    for block in blocks:
+        assert all(type(e.gate_up_proj) is expected and type(e.down_proj) is expected for e in block.experts)
+    if not getattr(blocks[0].experts[0].gate_up_proj, "own_kernel", False):
+        pytest.skip("the reference needs miaotui's CPU kernels (whose dequantized weights are exact)")
+    ref = dequantized_reference(hf, model)
+    before = [b.experts_run for b in blocks]
+    prompt = [7, 100, 3, 42, 9, 250, 11]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, temperature=0, logprobs=6),
+                       use_tqdm=False)[0].outputs[0]
+    assert all(0 < b.experts_run - s <= 8 for b, s in zip(blocks, before))
+    assert_top_logprobs_match(out, ref, prompt)
