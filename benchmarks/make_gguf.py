@@ -1,6 +1,6 @@
 """Write a random-weight GGUF file of a real model's shape, for CPU benchmarks with no download:
 
-    python benchmarks/make_gguf.py --shape qwen3-0.6b|gemma3-270m|tiny-qwen3|tiny-gemma3
+    python benchmarks/make_gguf.py --shape qwen3-0.6b|gemma3-270m|qwen3moe-small|tiny-qwen3|tiny-gemma3|tiny-qwen3moe
         [--quant Q4_K_M|F16|...] [--out PATH] [--threads 2] [--force]
 
 Steps (each shows progress): the Hugging Face config of the shape (transformers' config class);
@@ -21,6 +21,10 @@ The shapes, checked against the published config.json files:
                layer_types 5 sliding : 1 full (layers 5, 11, 17 full), rope_theta 1e6 on full
                layers and 1e4 on sliding ones, query_pre_attn_scalar 256, rms_norm_eps 1e-6,
                tied embeddings, no logit soft-capping, max_position_embeddings 32,768.
+  qwen3moe-small  a Qwen3-MoE (Qwen/Qwen3-30B-A3B's layout: Qwen3 attention, every layer MoE,
+               renormalised top-k) scaled to this machine: hidden 1024, 24 layers, 16 heads, 8 KV
+               heads, head_dim 128, 8 experts of 1024, 2 per token, vocab 151,936, tied embeddings
+               (~0.9 B parameters, 0.3 B active; ~0.55 GB at Q4_K_M).
   tiny-*       the same families at a test's size (tests/unit/test_make_gguf.py).
 
 Q4_K_M is llama.cpp's mix, as in published files: Qwen3-0.6B gets Q4_K with Q6_K for attn_v and
@@ -52,13 +56,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gguf_vocab, peer_ven
 import gguf_vocab  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "miaotui-bench"
-SHAPES = ("qwen3-0.6b", "gemma3-270m", "tiny-qwen3", "tiny-gemma3")
+SHAPES = ("qwen3-0.6b", "gemma3-270m", "qwen3moe-small", "tiny-qwen3", "tiny-gemma3", "tiny-qwen3moe")
 
 
 def hf_config(shape: str) -> Any:
     """The transformers config of `shape` (see the module docstring for the published values)."""
-    from transformers import Gemma3TextConfig, Qwen3Config
+    from transformers import Gemma3TextConfig, Qwen3Config, Qwen3MoeConfig
 
+    if shape in ("qwen3moe-small", "tiny-qwen3moe"):
+        real = shape == "qwen3moe-small"
+        return Qwen3MoeConfig(vocab_size=151936 if real else 49152, hidden_size=1024 if real else 64,
+                              intermediate_size=1024 if real else 64, moe_intermediate_size=1024 if real else 64,
+                              num_hidden_layers=24 if real else 2, num_attention_heads=16 if real else 4,
+                              num_key_value_heads=8 if real else 2, head_dim=128 if real else 32, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=40960,
+                              rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                              bos_token_id=1, eos_token_id=2)
     if shape in ("qwen3-0.6b", "tiny-qwen3"):
         real = shape == "qwen3-0.6b"
         return Qwen3Config(vocab_size=151936 if real else 49152, hidden_size=1024 if real else 64,
@@ -85,7 +98,7 @@ def hf_config(shape: str) -> Any:
 
 
 def gguf_arch(config: Any) -> str:
-    return {"qwen3": "qwen3", "gemma3_text": "gemma3"}[config.model_type]
+    return {"qwen3": "qwen3", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}[config.model_type]
 
 
 def hf_tensor_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -116,6 +129,18 @@ def tensor_plan(config: Any) -> list[tuple[str, str, tuple[int, ...], np.dtype]]
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     plan = []
     for hf_name, shape in hf_tensor_shapes(config).items():
+        prefix, _, rest = hf_name.rpartition(".mlp.")
+        if rest in ("experts.gate_up_proj", "experts.down_proj"):
+            # transformers 5 holds each layer's experts stacked ([E, 2I, H], gate rows first;
+            # [E, H, I]); the converter writes them as ffn_{gate,up,down}_exps.
+            layer = prefix.rsplit(".", 1)[-1]
+            if rest == "experts.down_proj":
+                plan.append((f"blk.{layer}.ffn_down_exps.weight", hf_name, shape, np.dtype(np.float16)))
+            else:
+                half = (shape[0], shape[1] // 2, shape[2])
+                plan.append((f"blk.{layer}.ffn_gate_exps.weight", hf_name, half, np.dtype(np.float16)))
+                plan.append((f"blk.{layer}.ffn_up_exps.weight", hf_name, half, np.dtype(np.float16)))
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"no GGUF name for {hf_name!r} in the {arch} tensor map")
@@ -150,7 +175,11 @@ def _add_metadata(writer: Any, config: Any, shape: str) -> None:
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    if arch == "qwen3":
+    if arch == "qwen3moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch in ("qwen3", "qwen3moe"):
         writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
         gguf_vocab.add_borrowed_gpt2(writer, config.vocab_size)
     else:

@@ -76,3 +76,25 @@ def test_tiny_gemma3_file_has_the_converter_layout_and_loads_in_miaotui(tmp_path
     out = llm.generate({"prompt_token_ids": [300, 301, 302, 303]},
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.embedded
+def test_tiny_qwen3moe_file_stacks_experts_and_loads_in_miaotui(tmp_path):
+    from miaotui import LLM, SamplingParams
+
+    config = make_gguf.hf_config("tiny-qwen3moe")
+    path = make_gguf.write_f16("tiny-qwen3moe", tmp_path / "tiny-qwen3moe.gguf", progress=False)
+    meta, tensors = _fields(path)
+    assert meta["general.architecture"] == "qwen3moe"
+    assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"]) == (8, 2)
+    # GGUF lists dims innermost first: [hidden, expert size, experts] for gate / up.
+    assert list(tensors["blk.0.ffn_gate_exps.weight"].shape) == [config.hidden_size, config.moe_intermediate_size, 8]
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [config.moe_intermediate_size, config.hidden_size, 8]
+    assert list(tensors["blk.0.ffn_gate_inp.weight"].shape) == [config.hidden_size, 8]
+    llm = LLM(str(path), max_num_seqs=2, num_kv_blocks=16, max_model_len=64)
+    read = llm.engine.hf_config
+    assert (read.model_type, read.num_experts, read.num_experts_per_tok, read.moe_intermediate_size,
+            read.norm_topk_prob) == ("qwen3_moe", 8, 2, config.moe_intermediate_size, True)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]},
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
