@@ -96,3 +96,44 @@ def test_quantized_experts_keep_their_precision_class(tmp_path, kind):
                        use_tqdm=False)[0].outputs[0]
     assert all(0 < b.experts_run - s <= 8 for b, s in zip(blocks, before))
     assert_top_logprobs_match(out, ref, prompt)
+
+
+@pytest.mark.parametrize("kind", ["Q6_K", "Q5_0"])
+def test_k_quant_embedding_tables_stay_as_stored_and_look_up_exactly(tmp_path, kind):
+    """A Q6_K / Q5_0 token_embd (llama.cpp's Q4_K_M stores the table as Q6_K) is kept as the
+    file's blocks in a quantized load, not widened to fp32; a lookup gives exactly the dense
+    load's rows, and the tied head is the int8 copy either way."""
+    from miaotui.layers.packed import GGUFRows
+    from miaotui.layers.quantized import PackedEmbedding
+
+    import gguf
+
+    import tests.gguf_writer_moe as writer_moe
+
+    sizes = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)
+    _, hf = make_tiny_checkpoint(tmp_path / "hf", "qwen3_moe", tie_word_embeddings=True, **sizes)
+    original = writer_moe.add_tensor
+
+    def add(writer, target, w, quant):
+        if quant != "Q6_K":
+            return original(writer, target, w, quant)
+        # Random Q6_K blocks (the gguf package cannot quantize to it): 210 bytes per 256 weights,
+        # the block's fp16 d last, small enough for finite values.
+        raw = np.random.default_rng(0).integers(0, 256, (w.shape[0], w.shape[1] // 256, 210), dtype=np.uint8)
+        raw[..., 208:210] = np.full((w.shape[0], w.shape[1] // 256, 1), 0.001, np.float16).view(np.uint8)
+        writer.add_tensor(target, raw.reshape(w.shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+
+    writer_moe.add_tensor = add
+    try:
+        path = write_moe_gguf(tmp_path / "e.gguf", hf, lambda n: kind if n == "token_embd.weight" else
+                              ("Q4_0" if n.endswith(MATRICES) else "F32"), "qwen3moe")
+    finally:
+        writer_moe.add_tensor = original
+    quantized = load_model(resolve_model(str(path)), ModelConfig(model=str(path), quantization="int4"))[0]
+    table = quantized.model.embed_tokens
+    assert isinstance(table, PackedEmbedding) and table.kind is GGUFRows
+    assert table.raw.numel() < hf.config.vocab_size * 256  # under a byte a weight, not 4
+    dense = _dense(path).model.embed_tokens.weight
+    ids = torch.tensor([0, 5, 255, 17, 5])
+    assert torch.equal(table(ids), dense[ids])
+    assert isinstance(quantized.quantized_head, Int8Linear)

@@ -273,6 +273,20 @@ def _tied_head(table: nn.Module) -> nn.Module:
     return Int8Linear(table if isinstance(table, PackedEmbedding) else table.weight, None)
 
 
+def quantizes(module: nn.Module) -> bool:
+    """Whether quantization swaps `module`: every nn.Linear but an MoE router (`keep_dense`)."""
+    return isinstance(module, nn.Linear) and not getattr(module, "keep_dense", False)
+
+
+@torch.no_grad()
+def quantized_linear(name: str, linear: nn.Linear, mode: str, stored_lossy: bool) -> nn.Module:
+    """The `mode` twin of linear `name`: int4, except the head and weights a file stores with
+    more than 4 bits (`stored_lossy`), which go int8, as do rows int4 groups do not divide."""
+    is_head = name.split(".")[0] == "lm_head"  # the head itself, or a tensor-parallel head's linear
+    int4 = mode == "int4" and not is_head and not stored_lossy and linear.in_features % INT4_GROUP == 0
+    return Int4Linear(linear.weight, linear.bias) if int4 else Int8Linear(linear.weight, linear.bias)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = frozenset()) -> nn.Module:
     """Swap every nn.Linear of a loaded CPU model for its `mode` twin; the head and the modules
@@ -289,14 +303,11 @@ def quantize_model(model: nn.Module, mode: str, int8_modules: frozenset[str] = f
         raise ValueError(f"quantization: {mode} needs torch's low-bit CPU kernels, which torch "
                          f"{torch.__version__} lacks")
     native = sum(isinstance(module, Int4Linear) for module in model.modules())
-    swaps = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not getattr(module, "keep_dense", False)]  # not MoE routers
+    swaps = [(name, module) for name, module in model.named_modules() if quantizes(module)]
     for name, linear in swaps:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        is_head = name.split(".")[0] == "lm_head"  # the head itself, or a tensor-parallel head's linear
-        int4 = mode == "int4" and not is_head and name not in int8_modules and linear.in_features % INT4_GROUP == 0
-        setattr(parent, attr, Int4Linear(linear.weight, linear.bias) if int4 else Int8Linear(linear.weight, linear.bias))
+        setattr(parent, attr, quantized_linear(name, linear, mode, name in int8_modules))
     if getattr(model, "tie_word_embeddings", False):
         model.quantized_head = _tied_head(model.input_embeddings())
     logger.info("quantized %d linear layers to %s (head: int8)%s", len(swaps), mode,

@@ -23,7 +23,7 @@ import torch
 
 from miaotui.errors import ModelLoadError, UnsupportedModelError
 from miaotui.kernels.cpu_build import cpu_kernels_available
-from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
+from miaotui.layers.packed import GGUFRows, Int4Weight, Int8GroupWeight, Q4Blocks
 from miaotui.loader.gguf_config import gemma_config, llama_family_config
 from miaotui.loader.gguf_index import load_index, save_index
 from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
@@ -37,6 +37,8 @@ SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausal
                            "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
                            "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
+# Embedding tables of these types stay as the file's blocks (layers/packed.py: GGUFRows).
+_ROW_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 _LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "smollm3")
 _GEMMA = ("gemma2", "gemma3")
 
@@ -330,6 +332,12 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
             continue
         hf_name = hf_tensor_name(name, arch, path)
         kind = tensor.tensor_type.name
+        if int4 and name == "token_embd.weight" and kind in _ROW_TYPES:
+            # Lookups dequantize the rows they read; the head (tied) is an int8 copy anyway.
+            rows = int(tensor.shape[1])
+            raw = torch.from_numpy(np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1).copy())
+            yield hf_name, GGUFRows(raw, torch.tensor([int(tensor.tensor_type)]))
+            continue
         if int4 and name == "token_embd.weight" and kind in ("Q8_0", *INT4_TYPES):
             try:
                 yield hf_name, unpack_q8_0(tensor) if kind == "Q8_0" else unpack_int4(tensor)

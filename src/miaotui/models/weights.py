@@ -13,22 +13,29 @@ weight whose shards arrive some 4-bit and some not is filled dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from miaotui.errors import ModelLoadError
-from miaotui.layers.packed import Int4Weight, Int8GroupWeight, Q4Blocks
+from miaotui.layers.packed import GGUFRows, Int4Weight, Int8GroupWeight, Q4Blocks
 from miaotui.layers.quantized import Int4Linear, PackedEmbedding
 
 Int4Packed = (Int4Weight, Q4Blocks)  # the two forms a 4-bit weight arrives in
-Packed = (*Int4Packed, Int8GroupWeight)
+Packed = (*Int4Packed, Int8GroupWeight, GGUFRows)  # GGUFRows: embedding tables only
 
 
 class WeightSink:
     """Receives (name, tensor) pairs for a model's parameters and checks nothing is missing."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device,
+                 on_linear_loaded: Callable[[str, nn.Linear, set[str]], nn.Module | None] | None = None) -> None:
+        """`on_linear_loaded(name, linear, its checkpoint sources)`: called as soon as a dense
+        linear's weight and bias are all in; a module it returns replaces the linear (the loader
+        quantizes there, so the fp32 weights of only a few matrices are alive at a time)."""
         self.model = model
+        self.on_linear_loaded = on_linear_loaded
         self.dtype = dtype
         self.device = device
         self.params = dict(model.named_parameters())
@@ -67,6 +74,7 @@ class WeightSink:
         else:
             self._set(name, tensor.to(device=self.device, dtype=self.dtype))
         self.loaded.add(name)
+        self._linear_done(name)
 
     def copy_shard(self, name: str, tensor: torch.Tensor, offset: int, shard: str,
                    shards: tuple[str, ...], source: str) -> None:
@@ -103,6 +111,24 @@ class WeightSink:
             self.loaded.add(name)
             if packed is not None:
                 self.packed[name] = Int4Linear(packed, None)
+            self._linear_done(name)
+
+    def _linear_done(self, name: str) -> None:
+        """Hand a dense nn.Linear whose parameters have all arrived to `on_linear_loaded`."""
+        module_name = name.rpartition(".")[0]
+        if self.on_linear_loaded is None or f"{module_name}.weight" in self.packed:
+            return
+        module = self.model.get_submodule(module_name)
+        own = [f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+        if not isinstance(module, nn.Linear) or any(p not in self.loaded for p in own):
+            return
+        sources = set().union(*(self.sources.get(p, set()) for p in own))
+        replacement = self.on_linear_loaded(module_name, module, sources)
+        if replacement is not None:
+            parent_name, _, attr = module_name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attr, replacement)
+            for p in own:  # the dense tensors go with the linear (they stay counted as loaded)
+                del self.params[p]
 
     def finish(self) -> None:
         missing = sorted(set(self.params) - self.loaded)
