@@ -75,6 +75,13 @@ class SparseMoE(nn.Module):
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         if self.weights_in_model_dtype:
             weights = weights.to(x.dtype)
+        if x.shape[0] == 1:  # batch-1 decode: k experts, no grouping (the same sums, in expert order)
+            out = torch.zeros_like(x)
+            for slot in sorted(range(self.top_k), key=ids[0].tolist().__getitem__):
+                y = self.experts[int(ids[0, slot])](x) * weights[0, slot]
+                out += y.to(x.dtype)
+                self.experts_run += 1
+            return out.reshape(shape)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
