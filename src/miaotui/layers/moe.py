@@ -12,6 +12,12 @@ once per step, experts no token chose are never touched (batched decode reads th
 routed experts), and each expert is an ordinary linear pair, so int4 / int8 quantization and a
 GGUF file's 4-bit experts reuse the dense layers' kernels unchanged. Outputs are accumulated in
 increasing expert order, as the reference's loop does, so fp32 sums round alike.
+
+Tensor parallelism (`shard_for_tensor_parallel`): every rank keeps the whole router, so all
+ranks route alike (their inputs are equal after the attention's all-reduce), and its share of
+every expert's intermediate columns (gate/up rows column-parallel, down columns row-parallel
+without a reduce of its own). The weighted per-expert partial outputs are summed as above and the
+block's sum is all-reduced once: one collective per layer however many experts ran.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from miaotui.errors import UnsupportedModelError
 from miaotui.layers.activations import SiluAndMul
+from miaotui.layers.tensor_parallel import AllReduce, column_parallel, input_parallel
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +64,11 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Router `gate` [E, hidden] (never quantized: it decides every route) and `experts`.
     `weights_in_model_dtype`: Qwen3-MoE's rounding of the routing weights (see the module doc).
+    `intermediate_name`: the config key of the expert width, for errors.
     `experts_run` counts expert multiplications, for tests and statistics."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
-                 weights_in_model_dtype: bool) -> None:
+                 weights_in_model_dtype: bool, intermediate_name: str = "intermediate_size") -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
@@ -67,7 +76,28 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(hidden, intermediate) for _ in range(num_experts))
         self.top_k, self.renormalize = top_k, renormalize
         self.weights_in_model_dtype = weights_in_model_dtype
+        self.intermediate, self.intermediate_name = intermediate, intermediate_name
+        self.reduce: AllReduce | None = None  # set when sharded: sums the ranks' partial outputs
         self.experts_run = 0
+
+    def check_split(self, world: int) -> None:
+        """The experts' width must split evenly over `world` ranks."""
+        if self.intermediate % world:
+            raise UnsupportedModelError(
+                f"tensor parallelism: {self.intermediate_name} ({self.intermediate}, the experts' width) is not "
+                f"divisible by tensor_parallel_size {world}")
+
+    def shard_for_tensor_parallel(self, rank: int, world: int) -> None:
+        """Keep rank's share of every expert's intermediate columns (see the module doc)."""
+        self.check_split(world)
+        part = self.intermediate // world
+        cols = slice(rank * part, (rank + 1) * part)
+        up_cols = slice(self.intermediate + cols.start, self.intermediate + cols.stop)
+        for expert in self.experts:
+            expert.gate_up_proj = column_parallel(expert.gate_up_proj, [cols, up_cols])
+            expert.down_proj = input_parallel(expert.down_proj, cols)  # reduced once, in forward
+        self.intermediate = part
+        self.reduce = AllReduce()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -75,13 +105,21 @@ class SparseMoE(nn.Module):
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         if self.weights_in_model_dtype:
             weights = weights.to(x.dtype)
-        if x.shape[0] == 1:  # batch-1 decode: k experts, no grouping (the same sums, in expert order)
-            out = torch.zeros_like(x)
-            for slot in sorted(range(self.top_k), key=ids[0].tolist().__getitem__):
-                y = self.experts[int(ids[0, slot])](x) * weights[0, slot]
-                out += y.to(x.dtype)
-                self.experts_run += 1
-            return out.reshape(shape)
+        out = self._one_token(x, weights, ids) if x.shape[0] == 1 else self._grouped(x, weights, ids)
+        if self.reduce is not None:  # every rank reaches this, whichever experts ran
+            out = self.reduce(out)
+        return out.reshape(shape)
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: the token's k experts, no grouping (the same sums, in expert order)."""
+        out = torch.zeros_like(x)
+        for slot in sorted(range(self.top_k), key=ids[0].tolist().__getitem__):
+            out += (self.experts[int(ids[0, slot])](x) * weights[0, slot]).to(x.dtype)
+            self.experts_run += 1
+        return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(token, expert) pairs sorted by expert; each expert with tokens runs once on its rows."""
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -97,7 +135,7 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y.to(x.dtype))
             start += count
             self.experts_run += 1
-        return out.reshape(shape)
+        return out
 
 
 def moe_block(cfg: Any, layer: int) -> SparseMoE | None:
@@ -111,5 +149,6 @@ def moe_block(cfg: Any, layer: int) -> SparseMoE | None:
         if layer in (getattr(cfg, "mlp_only_layers", None) or []) or cfg.num_experts == 0 or (layer + 1) % step:
             return None
         return SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                         renormalize=bool(cfg.norm_topk_prob), weights_in_model_dtype=True)
+                         renormalize=bool(cfg.norm_topk_prob), weights_in_model_dtype=True,
+                         intermediate_name="moe_intermediate_size")
     raise ValueError(f"no mixture-of-experts layout for model_type {model_type!r}")

@@ -6,6 +6,9 @@ keeps a slice of every weight and the collectives below put the pieces together.
   output stays sharded, no communication.
 - Row-parallel: the following Linear keeps the matching input columns; partial outputs are
   summed over ranks (all-reduce), then the bias (held once) is added.
+- Partial sums reduced later: a block of several row-parallel matmuls whose outputs are summed
+  anyway (a mixture of experts) keeps each one's input columns (`input_parallel`, no reduce) and
+  reduces the block's sum once (`AllReduce`): one collective per block, not one per matmul.
 - Vocab-parallel embedding: each rank holds a contiguous range of token rows; tokens outside it
   contribute zeros, and an all-reduce completes the lookup.
 - Vocab-parallel head: each rank computes the logits of its range; an all-gather joins them.
@@ -51,6 +54,26 @@ def column_parallel(linear: nn.Linear, row_slices: list[slice]) -> nn.Linear:
         out.bias = nn.Parameter(torch.cat([linear.bias.data[s] for s in row_slices]).contiguous(),
                                 requires_grad=False)
     return out
+
+
+def input_parallel(linear: nn.Linear, column_slice: slice) -> nn.Linear:
+    """A bias-free Linear keeping only the given input columns of `linear`: its output is this
+    rank's partial sum, which the caller must all-reduce (a bias would be added once per rank)."""
+    if linear.bias is not None:
+        raise ValueError("input_parallel: a Linear with a bias needs RowParallelLinear (bias added once)")
+    weight = linear.weight.data[:, column_slice].contiguous()
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    return out
+
+
+class AllReduce(_Collective):
+    """Sums a partial result over the ranks (in place): the one collective of a block built
+    from `input_parallel` matmuls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
 
 
 class RowParallelLinear(_Collective):

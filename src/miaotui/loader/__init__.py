@@ -138,8 +138,8 @@ def check_runnable(cls: type, config: ModelConfig) -> None:
         raise UnsupportedModelError("T5 models do not run in float16 (activations overflow); use float32 or bfloat16")
     if config.tensor_parallel_size > 1 and not hasattr(cls, "shard_for_tensor_parallel"):
         raise UnsupportedModelError(
-            f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3, Phi-3) and "
-            f"Gemma 2/3, not "
+            f"tensor parallelism supports the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3, Phi-3), "
+            f"Gemma 2/3 and Mixtral / Qwen3-MoE, not "
             f"{cls.__name__}; use tensor_parallel_size=1")
 
 

@@ -107,6 +107,14 @@ class LlamaMLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(h)))
 
+    def shard_for_tensor_parallel(self, rank: int, world: int) -> None:
+        """Keep rank's MLP columns: gate/up column-parallel, down row-parallel."""
+        cols = shard_slice(self.intermediate, rank, world, "intermediate_size")
+        up_cols = slice(self.intermediate + cols.start, self.intermediate + cols.stop)
+        self.gate_up_proj = column_parallel(self.gate_up_proj, [cols, up_cols])
+        self.down_proj = RowParallelLinear(self.down_proj, cols)
+        self.intermediate //= world
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: Any, layer: int) -> None:
@@ -179,8 +187,9 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
 
     def shard_for_tensor_parallel(self, rank: int, world: int) -> None:
         """Keep rank's shard: its query and KV heads (QKV column-parallel, O row-parallel), its
-        MLP columns (gate/up column-parallel, down row-parallel), its vocabulary rows of the
-        embedding and of the head. Head counts and the intermediate size must split evenly."""
+        MLP columns (gate/up column-parallel, down row-parallel; a MoE block shards its experts
+        alike), its vocabulary rows of the embedding and of the head. Head counts and the
+        intermediate size must split evenly."""
         for layer in self.model.layers:
             attn = layer.self_attn
             hd = attn.head_dim
@@ -196,12 +205,7 @@ class LlamaForCausalLM(CausalLMHead, nn.Module):
             attn.q_size //= world
             attn.kv_size //= world
             attn.attn.num_heads, attn.attn.num_kv_heads = attn.num_heads, attn.num_kv_heads
-            mlp = layer.mlp
-            cols = shard_slice(mlp.intermediate, rank, world, "intermediate_size")
-            up_cols = slice(mlp.intermediate + cols.start, mlp.intermediate + cols.stop)
-            mlp.gate_up_proj = column_parallel(mlp.gate_up_proj, [cols, up_cols])
-            mlp.down_proj = RowParallelLinear(mlp.down_proj, cols)
-            mlp.intermediate //= world
+            layer.mlp.shard_for_tensor_parallel(rank, world)  # LlamaMLP's, or a MoE block's own
         head = self.model.embed_tokens.weight.data if self.tie_word_embeddings else self.lm_head.weight.data
         self.lm_head = VocabParallelHead(head, self.config.vocab_size, rank, world)
         self.model.embed_tokens = VocabParallelEmbedding(self.model.embed_tokens, rank, world)

@@ -1,7 +1,9 @@
 """Mixture-of-experts members of the Llama family: Mixtral and Qwen3-MoE. Attention, norms,
 RoPE, embeddings and the head are models/llama.py's (Qwen3-MoE has Qwen3's per-head Q/K norm);
 each MoE layer's MLP is a layers/moe.py SparseMoE (Qwen3-MoE's `mlp_only_layers` and
-`decoder_sparse_step` keep some layers dense).
+`decoder_sparse_step` keep some layers dense). Tensor parallelism shards attention and dense
+layers as Llama does and each expert by its intermediate columns, with one all-reduce per MoE
+block (layers/moe.py).
 
 Checkpoints name experts three ways, all loaded into each expert's fused gate/up and down:
 per-expert `mlp.experts.E.{gate,up,down}_proj` (Qwen3-MoE), `block_sparse_moe.experts.E.w1/w3/w2`
@@ -53,8 +55,11 @@ class MoEForCausalLM(LlamaForCausalLM):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
 
     def shard_for_tensor_parallel(self, rank: int, world: int) -> None:
-        raise UnsupportedModelError("tensor parallelism does not shard mixture-of-experts layers yet; "
-                                    "run this model with tensor_parallel_size 1")
+        """Llama's sharding; each MoE block keeps its share of every expert (layers/moe.py).
+        The experts' width is checked first, so an uneven one fails before anything is cut."""
+        for block in self.moe_blocks():
+            block.check_split(world)
+        super().shard_for_tensor_parallel(rank, world)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], sink: WeightSink) -> None:
         """Route expert and router tensors to each expert's parameters; the rest is Llama's."""
