@@ -14,7 +14,7 @@ import torch
 from miaotui import LLM, SamplingParams
 from miaotui.config import ModelConfig
 from miaotui.layers.moe import SparseMoE
-from miaotui.layers.quantized import Int4Linear, Int8Linear
+from miaotui.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear
 from miaotui.loader import load_model, resolve_model
 from tests.conftest import make_tiny_checkpoint
 from tests.gguf_writer_families import roundtrip
@@ -63,10 +63,10 @@ def test_mixtral_file_matches_its_checkpoint(tmp_path, kind):
     assert_prompt_logits_match(model, path, ref, 19)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q8_0", "MXFP4"])
 def test_quantized_experts_keep_their_precision_class(tmp_path, kind):
-    """4-bit experts stay 4-bit (their own codes, on miaotui's kernels), Q8_0 ones go int8 (never
-    int4: the file has more bits); only the experts a token picks run; outputs equal the
+    """4-bit experts stay 4-bit (their own codes, on miaotui's kernels), Q8_0 and MXFP4 ones stay
+    as stored (int8 codes with the file's scale per group of 32, exact for both); only the experts a token picks run; outputs equal the
     reference holding the loaded weights dequantized (Q4_K's codes are random, not the
     checkpoint's, so the checkpoint itself is no reference)."""
     from tests.gguf_writer_families import add_any
@@ -84,11 +84,17 @@ def test_quantized_experts_keep_their_precision_class(tmp_path, kind):
     llm = LLM(str(path), skip_tokenizer_init=True, block_size=4, num_kv_blocks=128, max_model_len=128)
     model = llm.engine.runner.model
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
-    expected = Int8Linear if kind == "Q8_0" else Int4Linear
+    expected = Int8GroupLinear if kind in ("Q8_0", "MXFP4") else Int4Linear
     for block in blocks:
         assert all(type(e.gate_up_proj) is expected and type(e.down_proj) is expected for e in block.experts)
     if not getattr(blocks[0].experts[0].gate_up_proj, "own_kernel", False):
         pytest.skip("the reference needs miaotui's CPU kernels (whose dequantized weights are exact)")
+    if expected is Int8GroupLinear:  # as stored: bit for bit the gguf package's dequantization
+        dense = [m for m in _dense(path).modules() if isinstance(m, SparseMoE)]
+        for ours, theirs in zip(blocks, dense):
+            for e, f in zip(ours.experts, theirs.experts):
+                assert torch.equal(e.gate_up_proj._dense_weight(), f.gate_up_proj.weight)
+                assert torch.equal(e.down_proj._dense_weight(), f.down_proj.weight)
     ref = dequantized_reference(hf, model)
     before = [b.experts_run for b in blocks]
     prompt = [7, 100, 3, 42, 9, 250, 11]
@@ -137,3 +143,25 @@ def test_k_quant_embedding_tables_stay_as_stored_and_look_up_exactly(tmp_path, k
     ids = torch.tensor([0, 5, 255, 17, 5])
     assert torch.equal(table(ids), dense[ids])
     assert isinstance(quantized.quantized_head, Int8Linear)
+
+
+def test_mxfp4_blocks_decode_bit_exactly_to_the_reference_dequantization():
+    """Every e2m1 code and exponents from the smallest (e = 0, 1: ggml's half-scale special case)
+    to large ones: the Int8GroupWeight's codes * scales are the gguf package's floats."""
+    from types import SimpleNamespace
+
+    import gguf
+    from gguf import quants
+
+    from miaotui.loader.gguf_quant import unpack_mxfp4
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (5, 4, 17), dtype=np.uint8)  # 5 rows of 4 blocks of 32
+    raw[0, :, 0] = [0, 1, 2, 127]
+    raw[1, :, 0] = [200, 140, 90, 128]
+    raw = raw.reshape(5, -1)
+    tensor = SimpleNamespace(name="t", tensor_type=gguf.GGMLQuantizationType.MXFP4, shape=[128, 5], data=raw)
+    weight = unpack_mxfp4(tensor)
+    assert weight.codes.dtype == torch.int8 and weight.codes.abs().max() <= 12
+    ref = quants.dequantize(raw, gguf.GGMLQuantizationType.MXFP4).reshape(5, 128)
+    assert np.array_equal(weight.dequantized().numpy(), ref)

@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType, quants
 
 from miaotui.config import ModelConfig
 from miaotui.layers.packed import Int4Weight, Int8GroupWeight
-from miaotui.layers.quantized import Int4Linear, Int8Linear, PackedEmbedding, quantization_supported
+from miaotui.kernels.cpu_build import cpu_kernels_available
+from miaotui.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, PackedEmbedding, quantization_supported
 from miaotui.loader import load_model, resolve_model
 from miaotui.loader.gguf_quant import unpack_int4
 from tests.conftest import make_tiny_checkpoint
@@ -134,7 +135,13 @@ def test_auto_keeps_q4_blocks_native_and_other_quantized_matrices_int8(quantized
     dense, _ = load_model(resolve_model(path), ModelConfig(model=path, quantization="none"))
     layer0 = model.model.layers[0]
     assert isinstance(layer0.self_attn.qkv_proj, Int4Linear) and isinstance(layer0.mlp.down_proj, Int4Linear)
-    assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear)  # Q8_0 in the file: not cut to 4 bits
+    # Q8_0 in the file: not cut to 4 bits, nor requantized per row: the file's codes and scales.
+    down = model.model.layers[1].mlp.down_proj
+    if cpu_kernels_available():
+        assert isinstance(down, Int8GroupLinear)
+        assert torch.equal(down._dense_weight(), dense.model.layers[1].mlp.down_proj.weight)
+    else:
+        assert isinstance(down, Int8Linear)
     assert isinstance(model.lm_head, Int8Linear)  # the head is never int4
     # The Q8_0 embedding table stays Q8_0; a lookup gives exactly the dense table's rows.
     assert isinstance(model.model.embed_tokens, PackedEmbedding)

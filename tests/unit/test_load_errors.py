@@ -97,7 +97,7 @@ def test_unsupported_gguf_tensor_type_is_named_before_the_tokenizer(tmp_path, no
                             lambda name: "TQ2_0" if name == "blk.0.ffn_down.weight" else "F32")
     with pytest.raises(UnsupportedModelError,
                        match=r"tq2\.gguf: unsupported GGUF tensor type: tensor 'blk\.0\.ffn_down\.weight' is TQ2_0; "
-                             r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K \(a file quantized"):
+                             r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, MXFP4 \(a file quantized"):
         LLM(str(path))
 
 

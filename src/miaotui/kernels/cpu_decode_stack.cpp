@@ -26,11 +26,13 @@ enum Slot : int64_t {
   kDownScales, kSlotsPerLayer
 };
 
-// x [M, K] @ W^T for a weight of either kind: q4 rows (cpu_q4.h; uint8 [N, K / 32 * 20 or 24]: fp16 or
-// fp32 scales, told apart by the row size) or per-row int8 (int8 [N, K] with fp32 scales [N]).
+// x [M, K] @ W^T for a weight of any kind: q4 rows (cpu_q4.h; uint8 [N, K / 32 * 20 or 24]: fp16 or
+// fp32 scales, told apart by the row size), per-row int8 (int8 [N, K] with fp32 scales [N]) or
+// int8 with a scale per group of 32 (scales [N, K / 32]: GGUF Q8_0 / MXFP4 as stored).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   if (weight.scalar_type() == at::kByte)
     return miaotui_cpu::q4_linear(x, weight, weight.size(1) == x.size(1) / 32 * 20);
+  if (scales.dim() == 2) return miaotui_cpu::q8_group_linear(x, weight, scales);  // a scale per group of 32
   return miaotui_cpu::q8_linear(x, weight, scales);
 }
 

@@ -86,10 +86,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Wei
 
 @dataclass(slots=True)
 class Int8GroupWeight(_Grouped):
-    """w[n, k] = scale[n, k // 32] * codes[n, k]: GGUF Q8_0 as stored (fp16 scales widened)."""
+    """w[n, k] = scale[n, k // 32] * codes[n, k]: GGUF Q8_0 as stored (fp16 scales widened), and
+    MXFP4 exactly (codes: the doubled e2m1 values, |q| <= 12; scale: half the block's power of two)."""
 
     codes: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N, K / Q8_GROUP]
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> Int8GroupWeight:
+        return cls(torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // Q8_GROUP))
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         n, k = len(ids), self.codes.shape[1]

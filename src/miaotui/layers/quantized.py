@@ -217,6 +217,35 @@ class Int4Linear(_WeightOnlyLinear):
         return super()._product(x2d)
 
 
+class Int8GroupLinear(_WeightOnlyLinear):
+    """A weight a GGUF file stores with a scale per group of 32 int8 codes (Q8_0, and MXFP4
+    exactly: layers/packed.py), multiplied as stored by miaotui's q8_group_linear kernel: no
+    per-row requantization (which rounds the file's values a second time), the file's size.
+    Build it with `group_linear`, which falls back to a per-row Int8Linear without the kernels."""
+
+    def __init__(self, weight: Int8GroupWeight, bias: torch.Tensor | None) -> None:
+        super().__init__(bias)
+        self.out_features, self.in_features = weight.shape
+        self.own_kernel = True
+        self.wide_int16 = _wide_int16()
+        self.register_buffer("codes", weight.codes.contiguous())
+        self.register_buffer("group_scales", weight.scale.float().contiguous())
+        self._q8_group_linear = torch.ops.miaotui_cpu.q8_group_linear.default
+
+    def _own_matmul(self, x32: torch.Tensor) -> torch.Tensor:
+        return self._q8_group_linear(x32, self.codes, self.group_scales)
+
+    def _dense_weight(self) -> torch.Tensor:
+        return Int8GroupWeight(self.codes, self.group_scales).dequantized()
+
+
+def group_linear(weight: Int8GroupWeight, bias: torch.Tensor | None) -> nn.Module:
+    """An Int8GroupLinear where miaotui's kernels run, else the per-row int8 layer."""
+    if cpu_kernels_available() and weight.shape[1] % Q8_GROUP == 0:
+        return Int8GroupLinear(weight, bias)
+    return Int8Linear(weight.dequantized(), bias)
+
+
 class PackedEmbedding(nn.Module):
     """An embedding table kept as a quantized file stores it (Q8_0, or 4-bit groups): a lookup
     dequantizes only the rows it reads, to exactly the values the dense path's table holds."""

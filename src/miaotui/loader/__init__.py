@@ -190,8 +190,9 @@ def load_model(source: ModelSource, config: ModelConfig, rank: int = 0,
     if source.is_gguf:
         mode = resolve_quantization(config, reader)
         # 4-bit blocks stay 4-bit; a tensor-parallel shard is cut from dense weights instead.
-        weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path,
-                                                int4=mode == "int4" and config.tensor_parallel_size == 1)
+        unsharded = config.tensor_parallel_size == 1
+        weights = gguf_loader.iter_gguf_tensors(reader, hf_config, source.path, int4=mode == "int4" and unsharded,
+                                                int8_groups=mode in ("int4", "int8") and unsharded)
         if mode == "int4":
             lossy = gguf_loader.lossy_linear_names(reader, source.path)
     else:

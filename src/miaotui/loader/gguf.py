@@ -29,9 +29,13 @@ from miaotui.loader.gguf_index import load_index, save_index
 from miaotui.loader.gguf_names import (CONFIG_TENSORS, PERMUTED_QK, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
                                       ROPE_FREQS, STACKED_EXPERTS, check_tensor_names, expert_names)
 from miaotui.loader.gguf_names import hf_tensor_name as _hf_name
-from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_q8_0
+from miaotui.loader.gguf_quant import INT4_TYPES, q4_blocks, unpack_int4, unpack_mxfp4, unpack_q8_0
 
-SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K",
+                         "MXFP4")
+# Layer matrices of these types stay as stored, int8 codes with a scale per group of 32
+# (Int8GroupWeight: exact for both), in quantized loads.
+_GROUP_TYPES = {"Q8_0": unpack_q8_0, "MXFP4": unpack_mxfp4}
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                            "qwen3moe": "Qwen3MoeForCausalLM",
                            "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
@@ -312,7 +316,7 @@ def _row_order(rows: int, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
-                      int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q4Blocks | Int8GroupWeight]]:
+                      int4: bool = False, int8_groups: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q4Blocks | Int8GroupWeight]]:
     """Yield Hugging Face-named fp32 tensors; the caller converts to the compute dtype. With `int4`
     (and an architecture that `keeps_int4`), layer matrices stored as Q4_0 / Q4_1 / Q4_K come as
     Int4Weight instead, the file's own codes never dequantized, and a Q8_0 / 4-bit embedding
@@ -348,9 +352,14 @@ def iter_gguf_tensors(reader: Any, hf_config: Any, path: Path,
         if stacked and len(tensor.shape) != 3:
             raise ModelLoadError(f"{path}: tensor {name!r} has shape {list(reversed(tensor.shape))}; stacked experts "
                                  "are [experts, rows, columns]")
-        if int4 and name.startswith("blk.") and kind in INT4_TYPES:
+        if (int4 and name.startswith("blk.") and kind in INT4_TYPES) or (
+                int8_groups and name.startswith("blk.") and kind in _GROUP_TYPES and len(tensor.shape) >= 2
+                and keeps_int4(arch) and not hf_name.endswith(".mlp.gate.weight")):  # MoE routers stay dense
             try:
-                packed = (q4_blocks(tensor) if as_blocks else None) or unpack_int4(tensor)
+                if kind in _GROUP_TYPES:
+                    packed = _GROUP_TYPES[kind](tensor)
+                else:
+                    packed = (q4_blocks(tensor) if as_blocks else None) or unpack_int4(tensor)
             except (ValueError, IndexError) as exc:
                 raise ModelLoadError(f"{path}: tensor {name!r} is truncated or corrupt: {exc}") from exc
             if stacked:  # expert e's rows, as stored (4-bit groups run along a row)

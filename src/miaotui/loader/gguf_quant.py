@@ -105,3 +105,19 @@ def unpack_q8_0(tensor: Any) -> Int8GroupWeight:
     scale = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
     codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
     return Int8GroupWeight(torch.from_numpy(codes), torch.from_numpy(scale))
+
+
+def unpack_mxfp4(tensor: Any) -> Int8GroupWeight:
+    """A GGUF MXFP4 matrix [N, K] (or stacked experts) as an Int8GroupWeight, exactly: each block
+    of 32 is an e8m0 exponent byte and 16 bytes of e2m1 nibbles (element j low, j + 16 high), and
+    w = e2m1(q) * 2^(e - 127) = (2 e2m1(q)) * 2^(e - 128): the doubled values are integers."""
+    from gguf.quants import MXFP4
+
+    if tensor.tensor_type.name != "MXFP4":
+        raise ValueError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not MXFP4")
+    n, k = matrix_shape(tensor)
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(n, k // Q8_GROUP, 17)
+    scale = MXFP4.e8m0_to_fp32_half(blocks[..., 0].copy()).astype(np.float32)
+    values = np.array(MXFP4.kvalues, dtype=np.int8)[_nibbles(blocks[..., 1:])]
+    return Int8GroupWeight(torch.from_numpy(np.ascontiguousarray(values).reshape(n, k)),
+                           torch.from_numpy(np.ascontiguousarray(scale)))

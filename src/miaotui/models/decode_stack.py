@@ -4,7 +4,7 @@ kernel (kernels/cpu_decode_stack.cpp) instead of ~15 module calls and op dispatc
 The kernel calls the very kernels the layers call, in the same order, so a step's hidden
 states are bit for bit the eager layers' (tests/unit/test_decode_stack.py). It serves steps
 whose every token is a decode of an fp32 CPU model whose layers all run on miaotui's CPU
-kernels: 4-bit or int8 projections (`Int4Linear` "q4" / `Int8Linear` "q8"), no bias but
+kernels: 4-bit or int8 projections (`Int4Linear` "q4" / `Int8Linear` "q8" / `Int8GroupLinear`), no bias but
 Q/K/V's, the RMSNorm kernel (also for Qwen3's per-head Q/K norms, one eps for every norm), plain causal
 attention over fp32 or fp16 caches and RoPE in every layer. Anything else (prompt chunks, sliding windows,
 SmolLM3's RoPE-less layers, Phi-4-mini's partial rotary, torch's int4 kernel, a sharded model,
@@ -22,7 +22,7 @@ from torch import nn
 from miaotui.kernels.cpu_build import cpu_op
 from miaotui.layers.attention import CPU_DECODE_CACHE_DTYPES, AttentionMetadata
 from miaotui.layers.norms import RMSNorm
-from miaotui.layers.quantized import Int4Linear, Int8Linear
+from miaotui.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear
 
 logger = logging.getLogger("miaotui")
 
@@ -35,6 +35,8 @@ def _linear_tensors(linear: nn.Module, with_bias: bool) -> list[torch.Tensor] | 
         tensors = [linear.blocks, _EMPTY]
     elif isinstance(linear, Int8Linear) and linear.own_kernel:
         tensors = [linear.qweight, linear.scales]
+    elif isinstance(linear, Int8GroupLinear):
+        tensors = [linear.codes, linear.group_scales]
     else:
         return None
     if linear.bias is not None and not with_bias:

@@ -2,10 +2,10 @@
 
 Unfused parameters are assigned the loaded tensor itself when dtype and device already match
 (zero copy: a safetensors mmap stays an mmap). Fused parameters (QKV, gate/up) are allocated
-once and filled shard by shard. A weight that arrives packed (layers/packed.py: a GGUF file's Q4
-or Q8_0 blocks as stored) is collected the same way and, at `finish`, its module is replaced: an
-nn.Linear by an Int4Linear (with the linear's bias, loaded by then), an nn.Embedding by a
-PackedEmbedding. A 4-bit weight is packed into its Int4Linear as soon as it is complete, so the
+once and filled shard by shard. A weight that arrives packed (layers/packed.py: a GGUF file's Q4,
+Q8_0 or MXFP4 blocks as stored) is collected the same way and, at `finish`, its module is
+replaced: an nn.Linear by an Int4Linear or Int8GroupLinear (with the linear's bias, loaded by
+then), an nn.Embedding by a PackedEmbedding. A 4-bit weight is packed into its Int4Linear as soon as it is complete, so the
 unpacked codes (2.5x the packed size) of only one matrix are alive at a time; a Q4Blocks weight
 (a GGUF file's Q4_0 / Q4_1, already in the kernel's layout) is never unpacked at all. A fused
 weight whose shards arrive some 4-bit and some not is filled dense.
@@ -20,10 +20,16 @@ from torch import nn
 
 from miaotui.errors import ModelLoadError
 from miaotui.layers.packed import GGUFRows, Int4Weight, Int8GroupWeight, Q4Blocks
-from miaotui.layers.quantized import Int4Linear, PackedEmbedding
+from miaotui.layers.quantized import Int4Linear, PackedEmbedding, group_linear
 
 Int4Packed = (Int4Weight, Q4Blocks)  # the two forms a 4-bit weight arrives in
-Packed = (*Int4Packed, Int8GroupWeight, GGUFRows)  # GGUFRows: embedding tables only
+LinearPacked = (*Int4Packed, Int8GroupWeight)  # the forms a linear's weight stays in
+Packed = (*LinearPacked, GGUFRows)  # GGUFRows: embedding tables only
+
+
+def _packed_linear(weight):
+    """The layer of a complete packed linear weight (its bias is set at `finish`)."""
+    return group_linear(weight, None) if isinstance(weight, Int8GroupWeight) else Int4Linear(weight, None)
 
 
 class WeightSink:
@@ -41,7 +47,7 @@ class WeightSink:
         self.params = dict(model.named_parameters())
         self.pending: dict[str, set[str]] = {}  # fused param -> shards still missing
         self.loaded: set[str] = set()
-        self.packed: dict[str, Int4Weight | Q4Blocks | Int8GroupWeight | Int4Linear] = {}  # weight name -> its packed form
+        self.packed: dict[str, Int4Weight | Q4Blocks | Int8GroupWeight | GGUFRows | nn.Module] = {}  # weight name -> its packed form
         self.sources: dict[str, set[str]] = {}  # parameter name -> checkpoint tensors it came from
 
     def _param(self, name: str, source: str) -> nn.Parameter:
@@ -67,8 +73,8 @@ class WeightSink:
     def assign(self, name: str, tensor: torch.Tensor | Int4Weight | Q4Blocks | Int8GroupWeight, source: str) -> None:
         param = self._param(name, source)
         self._check_shape(param.shape, tensor.shape, source)
-        if isinstance(tensor, Int4Packed) and isinstance(self.model.get_submodule(name.rpartition(".")[0]), nn.Linear):
-            self.packed[name] = Int4Linear(tensor, None)
+        if isinstance(tensor, LinearPacked) and isinstance(self.model.get_submodule(name.rpartition(".")[0]), nn.Linear):
+            self.packed[name] = _packed_linear(tensor)
         elif isinstance(tensor, Packed):
             self.packed[name] = tensor
         else:
@@ -81,16 +87,16 @@ class WeightSink:
         """Copy `tensor` into rows [offset, offset + len) of fused parameter `name`."""
         param = self._param(name, source)
         if name not in self.pending:
-            if isinstance(tensor, Int4Packed):
+            if isinstance(tensor, LinearPacked):
                 self.packed[name] = type(tensor).empty(*param.shape)
             else:
                 self._set(name, torch.empty(param.shape, dtype=self.dtype, device=self.device))
                 param = self.params[name]
             self.pending[name] = set(shards)
         packed = self.packed.get(name)
-        if isinstance(packed, Int4Linear):
+        if isinstance(packed, nn.Module):
             raise ModelLoadError(f"checkpoint tensor {source!r}: {name} is already complete (a repeated shard)")
-        if (packed is not None) != isinstance(tensor, Int4Packed) or (packed is not None and type(packed) is not type(tensor)):
+        if (packed is not None) != isinstance(tensor, LinearPacked) or (packed is not None and type(packed) is not type(tensor)):
             # Mixed shards: llama.cpp's Q4_K_M keeps Q and K 4-bit but stores attn_v as Q6_K in
             # some layers. The fused weight then goes dense (the 4-bit rows dequantized), and the
             # loader quantizes it to int8 as any matrix stored with more than 4 bits.
@@ -98,7 +104,7 @@ class WeightSink:
                 self._set(name, packed.dequantized().to(device=self.device, dtype=self.dtype))
                 del self.packed[name]
                 packed, param = None, self.params[name]
-            if isinstance(tensor, Int4Packed):
+            if isinstance(tensor, LinearPacked):
                 tensor = tensor.dequantized()
         if packed is not None:
             rows = packed.rows(offset, tensor.shape[0])
@@ -110,7 +116,7 @@ class WeightSink:
         if not self.pending[name]:
             self.loaded.add(name)
             if packed is not None:
-                self.packed[name] = Int4Linear(packed, None)
+                self.packed[name] = _packed_linear(packed)
             self._linear_done(name)
 
     def _linear_done(self, name: str) -> None:
@@ -139,7 +145,7 @@ class WeightSink:
             module_name = name.rpartition(".")[0]
             parent_name, _, attr = module_name.rpartition(".")
             module = self.model.get_submodule(module_name)
-            if isinstance(module, nn.Linear) and isinstance(weight, Int4Linear):
+            if isinstance(module, nn.Linear) and isinstance(weight, nn.Module):  # Int4Linear, Int8GroupLinear, ...
                 packed_module = weight
                 packed_module.set_bias(module.bias)
             elif isinstance(module, nn.Embedding):
