@@ -44,7 +44,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
                        match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
-                             r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
+                             r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, GptOssForCausalLM, LlamaForCausalLM, "
                              r"MT5ForConditionalGeneration, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
                              r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, "
                              r"T5ForConditionalGeneration"):
