@@ -31,6 +31,15 @@ TINY_GEMMA3 = dict(_GEMMA, rope_parameters={
 TINY_MIXTRAL = dict(TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
 TINY_QWEN3_MOE = dict(TINY, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                       norm_topk_prob=True)
+# gpt-oss: 4 layers alternating sliding (window 8) and full, head_dim 16, 8 experts top-2, YaRN
+# (factor 4 over an original 64 positions, truncate off as the real config), a SwiGLU clamp low
+# enough (0.5) that random projections hit it.
+TINY_GPT_OSS = dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                    num_local_experts=8, num_experts_per_tok=2, swiglu_limit=0.5,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
 TINY_BLOOM = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)
 # d_kv * num_heads (32) != d_model (64): the attention inner width differs from the model width.
@@ -66,13 +75,14 @@ def _untie_t5_head(model, folder: Path) -> None:
 
 def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> tuple[Path, object]:
     """Save a tiny random transformers model of `arch` (llama | mistral | qwen2 | qwen3 | smollm3 |
-    gemma2 | gemma3 | mixtral | qwen3_moe | gpt2 | bloom | t5) to `folder`. MoE routers are scaled
-    up (random ones at init give near-uniform routes, where any rounding could pick other experts). Gemma's norm weights (zero at init: a factor
+    gemma2 | gemma3 | mixtral | qwen3_moe | gpt_oss | gpt2 | bloom | t5) to `folder`. MoE routers are scaled
+    up (random ones at init give near-uniform routes, where any rounding could pick other experts).
+    gpt-oss's sinks and biases (small or zero at init) are made random, so each is exercised. Gemma's norm weights (zero at init: a factor
     of 1 + w = 1) are made random, so the (1 + w) offset is exercised. For t5, `untied_head=True` writes a separate head as real v1.1 files have.
 
     Returns (folder, the transformers model in eval mode, fp32)."""
     from transformers import (BloomConfig, BloomForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                              Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                               Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, T5Config,
                               T5ForConditionalGeneration)
@@ -82,15 +92,17 @@ def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **ove
                "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
                "bloom": (BloomConfig, BloomForCausalLM), "t5": (T5Config, T5ForConditionalGeneration),
                "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
-               "mixtral": (MixtralConfig, MixtralForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
+               "mixtral": (MixtralConfig, MixtralForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+               "gpt_oss": (GptOssConfig, GptOssForCausalLM)}
     config_cls, model_cls = classes[arch]
     untied_head = overrides.pop("untied_head", False)
     torch.manual_seed(seed)
     base = {"gpt2": TINY_GPT2, "bloom": TINY_BLOOM, "t5": TINY_T5, "gemma2": TINY_GEMMA2,
-            "gemma3": TINY_GEMMA3, "mixtral": TINY_MIXTRAL, "qwen3_moe": TINY_QWEN3_MOE}.get(arch, TINY)
+            "gemma3": TINY_GEMMA3, "mixtral": TINY_MIXTRAL, "qwen3_moe": TINY_QWEN3_MOE,
+            "gpt_oss": TINY_GPT_OSS}.get(arch, TINY)
     config = config_cls(**{**base, **overrides})
-    if arch.startswith("gemma"):
-        config._attn_implementation = "eager"  # the reference for soft-capping (SDPA cannot cap)
+    if arch.startswith("gemma") or arch == "gpt_oss":
+        config._attn_implementation = "eager"  # the reference for soft-capping and sinks (SDPA has neither)
     model = model_cls(config).eval()
     if arch == "t5":
         _sharpen_t5(model)
@@ -104,6 +116,17 @@ def make_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **ove
             for name, param in model.named_parameters():
                 if name.endswith("mlp.gate.weight"):
                     param.mul_(8.0)
+    if arch == "gpt_oss":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("self_attn.sinks"):
+                    param.normal_(0.0, 1.0)
+                elif name.endswith("mlp.router.weight"):
+                    param.mul_(8.0)
+                elif name.endswith(("mlp.router.bias", "_proj_bias")):
+                    param.normal_(0.0, 0.1)
+                elif name.endswith("experts.gate_up_proj"):
+                    param.mul_(10.0)  # pre-activations near the clamp, on both of its sides
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     if untied_head:

@@ -4,7 +4,8 @@ Logits match within 1e-4 at prefill and at each of 16 decode steps, and greedy i
 32 tokens, for Llama (plain, tied, llama3 RoPE, biases), Mistral (sliding window), Qwen2, Qwen3
 (Q/K norm; head_dim 32 != hidden / heads; with and without biases), SmolLM3 (RoPE-less layers) and
 Gemma 2 (soft-capped attention and logits) and Gemma 3 ((1 + w) norms, local and global layers with their
-own RoPE, Q/K norm), Mixtral and Qwen3-MoE (top-2 of 8 experts; dense layers between), GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
+own RoPE, Q/K norm), Mixtral and Qwen3-MoE (top-2 of 8 experts; dense layers between), gpt-oss
+(attention sinks, sliding and full layers, YaRN, biased router and clamped-SwiGLU experts), Llama with YaRN, GPT-2 (GELU-tanh; a ReLU variant with attention scaled by the inverse layer index) and BLOOM
 (ALiBi; 6 heads exercise the slopes beyond a power of two).
 """
 
@@ -50,6 +51,17 @@ VARIANTS = {
     "qwen3-moe": ("qwen3_moe", {}),
     "qwen3-moe-sparse-step-unnormalised": ("qwen3_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
                                                          "norm_topk_prob": False}),
+    # gpt-oss: attention sinks, biased attention, sliding (window 8 < every prompt here) and full
+    # layers, YaRN, a biased top-k-then-softmax router, biased clamped-SwiGLU experts. The second:
+    # MHA, a 5-token window, full layers first, 3 experts of 6 and YaRN with its ends truncated.
+    "gpt-oss": ("gpt_oss", {}),
+    "gpt-oss-mha-window-5-top-3": ("gpt_oss", {
+        "num_key_value_heads": 4, "sliding_window": 5, "num_local_experts": 6, "num_experts_per_tok": 3,
+        "num_hidden_layers": 3, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                            "original_max_position_embeddings": 32, "truncate": True}}),
+    "llama-yarn": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 128}}),
     "gpt2": ("gpt2", {}),
     "gpt2-relu-scaled": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True,
                                   "n_inner": 96}),

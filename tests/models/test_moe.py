@@ -1,4 +1,4 @@
-"""Mixture-of-experts (Mixtral, Qwen3-MoE) beyond the shared parity suite: only routed experts
+"""Mixture-of-experts (Mixtral, Qwen3-MoE, gpt-oss) beyond the shared parity suite: only routed experts
 run, routes differ across a batch without changing any row, quantized experts keep a dense
 router, and every checkpoint naming of experts loads. transformers' own classes are the reference."""
 
@@ -28,8 +28,12 @@ def dequantized_reference(hf, model):
             for proj, w in ((theirs.self_attn.q_proj, q), (theirs.self_attn.k_proj, k), (theirs.self_attn.v_proj, v),
                             (theirs.self_attn.o_proj, attn.o_proj._dense_weight())):
                 proj.weight.copy_(w)
-            theirs.mlp.experts.gate_up_proj.copy_(torch.stack([e.gate_up_proj._dense_weight() for e in block.experts]))
-            theirs.mlp.experts.down_proj.copy_(torch.stack([e.down_proj._dense_weight() for e in block.experts]))
+            gate_up = [e.gate_up_proj._dense_weight() for e in block.experts]
+            down = [e.down_proj._dense_weight() for e in block.experts]
+            if hf.config.model_type == "gpt_oss":  # stored for x @ W, gate/up interleaved
+                gate_up, down = [_interleaved(w) for w in gate_up], [w.t() for w in down]
+            theirs.mlp.experts.gate_up_proj.copy_(torch.stack(gate_up))
+            theirs.mlp.experts.down_proj.copy_(torch.stack(down))
         ref.lm_head.weight.copy_(model.lm_head._dense_weight())
     return ref
 
@@ -51,7 +55,7 @@ def _moe_blocks(llm: LLM) -> list[SparseMoE]:
     return [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoE)]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "gpt_oss"])
 def tiny(request, tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -70,6 +74,16 @@ def test_routing_is_transformers_topk_router():
         weights, ids = route(x @ ref.weight.t(), 3, normalize)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-7)
+
+
+def _router(mlp):
+    return mlp.router if hasattr(mlp, "router") else mlp.gate  # gpt-oss names it router
+
+
+def _interleaved(gate_up: torch.Tensor) -> torch.Tensor:
+    """An expert's fused [2I, H] weight (gate rows first) in gpt-oss's stored [H, 2I] interleaved layout."""
+    gate, up = gate_up.chunk(2, dim=0)
+    return torch.stack([gate, up], dim=1).reshape(gate_up.shape).t()
 
 
 def test_batch_1_decode_runs_exactly_top_k_experts_per_layer(tiny):
@@ -96,7 +110,7 @@ def test_a_batch_routes_tokens_to_different_experts_and_each_row_equals_it_alone
     # From the reference's router: the first layer's tokens go to more than top-k experts in all.
     with torch.no_grad():
         h = hf.model.embed_tokens(torch.tensor([t for p in prompts for t in p]))
-        gate = hf.model.layers[0].mlp.gate
+        gate = _router(hf.model.layers[0].mlp)
         _, _, ids = gate(hf.model.layers[0].input_layernorm(h))
     assert len(set(ids.flatten().tolist())) > 2
     llm = _llm(folder)
@@ -137,6 +151,8 @@ def test_stacked_expert_tensors_load_as_per_expert_ones(tmp_path, tiny):
     """transformers 5's in-memory names (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I],
     mlp.gate): a checkpoint saved from them loads to the same model."""
     folder, hf = tiny
+    if hf.config.model_type == "gpt_oss":
+        pytest.skip("gpt-oss checkpoints are saved stacked already: the parity suite loads them")
     stacked = tmp_path / "stacked"
     stacked.mkdir()
     for f in folder.iterdir():

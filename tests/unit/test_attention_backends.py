@@ -1,4 +1,5 @@
-"""The batched torch paged attention equals the reference oracle on mixed batches."""
+"""The batched torch paged attention equals the reference oracle on mixed batches; attention sinks
+equal transformers' gpt-oss formula."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from miaotui.kernels.cpu_build import cpu_kernels_available
-from miaotui.layers.attention import (AttentionMetadata, build_decode_batch, reference_paged_attention,
-                                      torch_paged_attention)
+from miaotui.layers.attention import (AttentionMetadata, PagedAttention, build_decode_batch, chunk_mask,
+                                      reference_paged_attention, torch_paged_attention)
+from miaotui.layers.explicit_attention import explicit_paged_attention
 from miaotui.layers.position_bias import AlibiBias, RelativePositionBias
 
 
@@ -154,3 +156,62 @@ def test_score_bias_matches_reference_and_explicit_formula(kind, kv_heads, heads
     assert (got - expected).abs().max().item() < 1e-5
     plain = torch_paged_attention(query, k_cache, v_cache, meta, 0.25)
     assert (plain - expected).abs().max().item() > 1e-2  # the bias really changes the result
+
+
+def _gpt_oss_reference(query, k_cache, v_cache, meta, scale, sinks, window):
+    """transformers' own gpt-oss eager attention, one sequence at a time over the gathered cache."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    heads, kv_heads, block_size = query.shape[1], k_cache.shape[2], k_cache.shape[1]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, sinks=sinks, training=False)
+    out = torch.empty_like(query)
+    starts = meta.query_start_loc_list
+    for i, seq_len in enumerate(meta.seq_lens_list):
+        q_start, q_end = starts[i], starts[i + 1]
+        blocks = meta.block_tables[i][: -(-seq_len // block_size)]
+        keys = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        values = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        allowed = chunk_mask(q_end - q_start, seq_len, query.device, window)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        o, _ = eager_attention_forward(module, query[q_start:q_end].transpose(0, 1)[None], keys, values, mask, scale)
+        out[q_start:q_end] = o[0]
+    return out
+
+
+@pytest.mark.parametrize("kv_heads,heads", [(4, 4), (2, 8), (1, 4)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_sinks_match_transformers_gpt_oss_attention(kv_heads, heads, window):
+    """Attention sinks (gpt-oss) on a mixed batch, through PagedAttention's explicit-score path:
+    decode rows batched and prompt chunks alone equal transformers' eager formula per sequence;
+    large sinks take most of the weight, so they are exercised, not negligible."""
+    seqs = [(5, 1), (16, 1), (17, 1), (9, 4), (1, 1), (33, 33), (40, 1)]
+    query, k_cache, v_cache, meta = _batch(seqs, 8, 64, kv_heads, heads, 16, seed=7 * heads + kv_heads)
+    sinks = torch.randn(heads, generator=torch.Generator().manual_seed(heads)) * 3
+    expected = _gpt_oss_reference(query, k_cache, v_cache, meta, 0.25, sinks, window)
+    layer = PagedAttention(heads, kv_heads, 16, 0.25, window, sinks=True)
+    with torch.no_grad():
+        layer.sinks.copy_(sinks)
+    layer.k_cache, layer.v_cache = k_cache, v_cache
+    t = query.shape[0]
+    k_new = torch.stack([k_cache.view(-1, kv_heads, 16)[s] for s in _new_slots(meta, 8)])
+    v_new = torch.stack([v_cache.view(-1, kv_heads, 16)[s] for s in _new_slots(meta, 8)])
+    meta.slot_mapping = torch.tensor(_new_slots(meta, 8))
+    meta.decode = build_decode_batch(meta, 8)
+    with torch.no_grad():
+        got = layer(query.reshape(t, -1), k_new.reshape(t, -1), v_new.reshape(t, -1), meta).view_as(query)
+    assert (got - expected).abs().max().item() < 1e-5
+    # -inf sinks take no weight: plain softmax attention, the reference oracle.
+    plain = explicit_paged_attention(query, k_cache, v_cache, meta, 0.25, sinks=torch.full((heads,), float("-inf")),
+                                     sliding_window=window)
+    assert (plain - reference_paged_attention(query, k_cache, v_cache, meta, 0.25, window)).abs().max().item() < 1e-5
+
+
+def _new_slots(meta, block_size):
+    """The cache slots of each sequence's new tokens (its last q_len positions)."""
+    slots, starts = [], meta.query_start_loc_list
+    for i, seq_len in enumerate(meta.seq_lens_list):
+        for pos in range(seq_len - (starts[i + 1] - starts[i]), seq_len):
+            slots.append(int(meta.block_tables[i][pos // block_size]) * block_size + pos % block_size)
+    return slots

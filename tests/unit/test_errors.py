@@ -44,7 +44,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError,
                        match=r"FalconForCausalLM; supported: BloomForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
-                             r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
+                             r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, GptOssForCausalLM, LlamaForCausalLM, "
                              r"MT5ForConditionalGeneration, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
                              r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, "
                              r"T5ForConditionalGeneration"):
@@ -55,10 +55,10 @@ def test_unsupported_rope_type_is_named(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama")
     cfg = json.loads((tmp_path / "config.json").read_text())
     for key in ("rope_scaling", "rope_parameters"):
-        cfg[key] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        cfg[key] = {"rope_type": "ntk_by_parts", "rope_theta": 10000.0, "factor": 4.0,
                     "original_max_position_embeddings": 64}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises((UnsupportedModelError, ModelLoadError), match="yarn"):
+    with pytest.raises((UnsupportedModelError, ModelLoadError), match="ntk_by_parts"):
         _load(tmp_path)
 
 

@@ -305,8 +305,8 @@ def test_unsupported_rope_type_is_named_before_the_tokenizer(tmp_path, embedded_
                                                              no_weight_loading):
     folder, _ = make_tiny_checkpoint(tmp_path / "m", "llama")
     cfg = json.loads((folder / "config.json").read_text())
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    rope = {"rope_type": "ntk_by_parts", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
     cfg["rope_scaling"] = cfg["rope_parameters"] = rope
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="RoPE type 'yarn' is not supported; supported: default"):
+    with pytest.raises(UnsupportedModelError, match="RoPE type 'ntk_by_parts' is not supported; supported: default"):
         LLM(str(folder), tokenizer=embedded_gguf)

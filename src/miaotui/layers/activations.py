@@ -41,3 +41,20 @@ class GeluTanhAndMul(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's expert activation over a fused gate/up projection [..., 2I] (gate first):
+    gate clamped above at `limit`, up clamped to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate), as transformers' GptOssExperts._apply_gate. (The
+    checkpoint interleaves gate and up columns; models/gpt_oss.py splits them at load.)"""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))

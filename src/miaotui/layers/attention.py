@@ -186,7 +186,7 @@ class PagedAttention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None, score_bias: ScoreBias | None = None,
-                 softcap: float | None = None) -> None:
+                 softcap: float | None = None, sinks: bool = False) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -194,7 +194,10 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.score_bias = score_bias
-        self.softcap = softcap  # Gemma 2's attention logit soft-capping (layers/softcap_attention.py)
+        self.softcap = softcap  # Gemma 2's attention logit soft-capping (layers/explicit_attention.py)
+        # gpt-oss's attention sinks: one learned logit per query head in every softmax's denominator
+        # (layers/explicit_attention.py). The one parameter of this module, loaded as `attn.sinks`.
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
         self.backend = attention_backend()
         # miaotui's CPU decode kernel (kernels/cpu_attention.cpp) where it is built; bound once.
         self._cpu_decode = cpu_op("paged_decode_attention")
@@ -223,18 +226,20 @@ class PagedAttention(nn.Module):
             out = triton_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         else:
             write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            if self.softcap is not None:
-                from miaotui.layers.softcap_attention import softcap_paged_attention
+            if self.softcap is not None or self.sinks is not None:
+                # Neither SDPA nor the CPU decode kernel can cap scores or add a sink column.
+                from miaotui.layers.explicit_attention import explicit_paged_attention
 
-                out = softcap_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.softcap,
-                                              self.sliding_window)
+                out = explicit_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.softcap,
+                                               self.sinks, self.sliding_window)
                 return out.view(t, self.num_heads * self.head_dim)
             out = torch_paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
                                         self.score_bias, self._cpu_decode)
         return out.view(t, self.num_heads * self.head_dim)
 
     def _use_triton(self, q: torch.Tensor) -> bool:
-        if self.sliding_window is not None or self.score_bias is not None or self.softcap is not None:
+        if (self.sliding_window is not None or self.score_bias is not None or self.softcap is not None
+                or self.sinks is not None):
             return False  # the Triton kernels take none of these; such layers stay on torch
         if self.backend == "triton":
             return True

@@ -4,7 +4,9 @@ to them.
 Routing follows transformers' TopKRouter (Mixtral, Qwen3-MoE): softmax of the router logits in
 fp32, top-k of the probabilities (torch.topk's order), renormalised over the k where the config
 says so; Qwen3-MoE then rounds the weights to the model dtype, Mixtral keeps them fp32 and
-rounds the weighted expert output instead.
+rounds the weighted expert output instead. gpt-oss (GptOssTopKRouter) takes the top-k of the
+logits themselves (its router has a bias) and a softmax over those k in the logits' dtype.
+Its experts have biases and a clamped SwiGLU (activations.py's ClampedSwiGLU).
 
 Per step, the (token, expert) pairs are sorted by expert (stable, so each expert's tokens keep
 batch order) and every expert with tokens runs once on its rows: an expert's weights are read
@@ -22,18 +24,24 @@ block's sum is all-reduced once: one collective per layer however many experts r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from miaotui.errors import UnsupportedModelError
-from miaotui.layers.activations import SiluAndMul
+from miaotui.layers.activations import ClampedSwiGLU, SiluAndMul
 from miaotui.layers.tensor_parallel import AllReduce, column_parallel, input_parallel
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] fp32, expert ids [T, k]) of router logits [T, E]."""
+def route(logits: torch.Tensor, top_k: int, renormalize: bool,
+          softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k], expert ids [T, k]) of router logits [T, E]: fp32 weights, or with
+    `softmax_after_topk` (gpt-oss) a softmax over the k largest logits, in the logits' dtype."""
+    if softmax_after_topk:
+        top, ids = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=top.dtype), ids
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -49,13 +57,14 @@ class Router(nn.Linear):
 
 
 class Expert(nn.Module):
-    """One expert: down(silu(gate) * up) over a fused gate/up projection (gate rows first)."""
+    """One expert: down(act(gate_up(h))) over a fused gate/up projection (gate rows first); `act`
+    SiLU gating unless given (gpt-oss: ClampedSwiGLU, with biases on both projections)."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, act: nn.Module | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act = SiluAndMul()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = SiluAndMul() if act is None else act
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(h)))
@@ -64,20 +73,25 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Router `gate` [E, hidden] (never quantized: it decides every route) and `experts`.
     `weights_in_model_dtype`: Qwen3-MoE's rounding of the routing weights (see the module doc).
-    `intermediate_name`: the config key of the expert width, for errors.
-    `experts_run` counts expert multiplications, for tests and statistics."""
+    `intermediate_name`: the config key of the expert width, for errors. gpt-oss:
+    `softmax_after_topk`, a router with a bias, experts with biases and `make_act()` as their
+    activation. `experts_run` counts expert multiplications, for tests and statistics."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
-                 weights_in_model_dtype: bool, intermediate_name: str = "intermediate_size") -> None:
+                 weights_in_model_dtype: bool, intermediate_name: str = "intermediate_size",
+                 softmax_after_topk: bool = False, bias: bool = False,
+                 make_act: Callable[[], nn.Module] | None = None) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
-        self.gate = Router(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(hidden, intermediate) for _ in range(num_experts))
+        self.gate = Router(hidden, num_experts, bias=bias)
+        self.experts = nn.ModuleList(Expert(hidden, intermediate, bias, None if make_act is None else make_act())
+                                     for _ in range(num_experts))
         self.top_k, self.renormalize = top_k, renormalize
         self.weights_in_model_dtype = weights_in_model_dtype
         self.intermediate, self.intermediate_name = intermediate, intermediate_name
         self.reduce: AllReduce | None = None  # set when sharded: sums the ranks' partial outputs
+        self.softmax_after_topk = softmax_after_topk
         self.experts_run = 0
 
     def check_split(self, world: int) -> None:
@@ -102,7 +116,7 @@ class SparseMoE(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize, self.softmax_after_topk)
         if self.weights_in_model_dtype:
             weights = weights.to(x.dtype)
         out = self._one_token(x, weights, ids) if x.shape[0] == 1 else self._grouped(x, weights, ids)
@@ -151,4 +165,9 @@ def moe_block(cfg: Any, layer: int) -> SparseMoE | None:
         return SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                          renormalize=bool(cfg.norm_topk_prob), weights_in_model_dtype=True,
                          intermediate_name="moe_intermediate_size")
+    if model_type == "gpt_oss":
+        alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        return SparseMoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                         renormalize=False, weights_in_model_dtype=False, softmax_after_topk=True, bias=True,
+                         make_act=lambda: ClampedSwiGLU(alpha, limit))
     raise ValueError(f"no mixture-of-experts layout for model_type {model_type!r}")

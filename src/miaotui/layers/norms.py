@@ -59,3 +59,16 @@ class OffsetRMSNorm(RMSNorm):
             return _FUSED_RMS_NORM(x.float(), factor.shape, factor, self.eps).to(x.dtype)
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * factor).to(x.dtype)
+
+
+class Fp32ScaleRMSNorm(RMSNorm):
+    """RMSNorm whose weight multiplies the normalised fp32 rows before the one rounding to the
+    input dtype (transformers' GptOssRMSNorm, kept in fp32 there), where RMSNorm rounds first and
+    multiplies in the input dtype. The same numbers in fp32; they differ in bf16 / fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32:
+            return super().forward(x)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)

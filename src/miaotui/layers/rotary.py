@@ -3,6 +3,8 @@
 GGUF checkpoints store Q/K rows interleaved for llama.cpp's rotary layout; the GGUF loader
 un-permutes them, so every model here uses this one layout. With a `partial_rotary_factor` below 1
 (Phi-4-mini) only the first `rotary_dim` channels of each head rotate; the rest pass through.
+YaRN (gpt-oss) blends interpolated and original frequencies per channel and scales cos/sin by its
+attention factor, as transformers' _compute_yarn_parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope", "yarn")
 
 
 def rotary_dim(hf_config: Any, head_dim: int) -> int:
@@ -54,6 +56,8 @@ def check_rope(hf_config: Any, head_dim: int | None = None) -> None:
     if dim <= 0 or dim % 2 or dim > head_dim:
         raise UnsupportedModelError(
             f"partial_rotary_factor gives {dim} rotary channels of head_dim {head_dim}; need an even count in 2..{head_dim}")
+    if rope_type == "yarn" and "factor" not in params:
+        raise UnsupportedModelError("yarn RoPE needs a factor in the config's rope_parameters / rope_scaling")
     if rope_type == "longrope":
         if not _original_max_positions(hf_config, params):
             raise UnsupportedModelError("longrope RoPE needs original_max_position_embeddings in the config")
@@ -95,6 +99,51 @@ def _longrope(hf_config: Any, params: dict[str, Any], base: float, dim: int) -> 
     return 1.0 / (ext * base**shape), float(scale)
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    import math
+
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(hf_config: Any, params: dict[str, Any], base: float, dim: int) -> tuple[torch.Tensor, float]:
+    """transformers' _compute_yarn_parameters: channels that turn fewer than beta_slow times over
+    the original context are interpolated (frequency / factor), those turning more than beta_fast
+    times keep their frequency, a linear ramp between; cos/sin are scaled by the attention factor
+    (0.1 ln(factor) + 1 unless given, or the mscale / mscale_all_dim ratio). `truncate` (default
+    true; gpt-oss sets false) rounds the ramp's ends to whole channels."""
+    import math
+
+    # transformers fills a missing original length with max_position_embeddings.
+    original = _original_max_positions(hf_config, params) or hf_config.max_position_embeddings
+    factor = params["factor"]
+    if factor is None:
+        factor = hf_config.max_position_embeddings / original
+    scale = params.get("attention_factor")
+    if scale is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            scale = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            scale = _yarn_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp  # the weight of the original frequency per channel
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(scale)
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1 frequency scaling: long wavelengths slowed by `factor`, short kept, smooth between."""
     import math
@@ -130,6 +179,8 @@ def compute_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float
         return inv_freq, 1.0
     if rope_type == "longrope":
         return _longrope(hf_config, params, base, dim)
+    if rope_type == "yarn":
+        return _yarn(hf_config, params, base, dim)
     check_rope(hf_config)
     raise AssertionError(f"RoPE type {rope_type!r} is listed as supported but not computed")
 

@@ -57,8 +57,9 @@ def _layer_tensors(layer: nn.Module, eps: float) -> list[torch.Tensor] | None:
     """The kernel's 13 tensors of one decoder layer (kernels/cpu_decode_stack.cpp, `Slot`)."""
     attn, mlp = layer.self_attn, layer.mlp
     paged = attn.attn
-    if paged.sliding_window is not None or paged.score_bias is not None or attn.head_dim % 8:
-        return None
+    if (paged.sliding_window is not None or paged.score_bias is not None or paged.softcap is not None
+            or paged.sinks is not None or attn.head_dim % 8):
+        return None  # the kernel's attention is plain causal softmax attention
     # The kernel rotates Q/K (after their per-head norms, if any) in every layer, and whole heads
     # (its rotate_half pairs channel i with i + head_dim/2, not i + rotary_dim/2).
     if not getattr(attn, "use_rope", True) or getattr(attn, "rotary_dim", attn.head_dim) != attn.head_dim:

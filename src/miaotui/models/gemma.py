@@ -8,7 +8,7 @@ of Gemma3ForConditionalGeneration checkpoints), as transformers' modeling_gemma2
 - layers alternate sliding-window and global attention (`layer_types`); Gemma 3 gives each kind
   its own RoPE (rope_parameters per layer type: base 10k local, 1M global, linear scaling on the
   global layers of the larger models) and RMS-normalises Q and K per head before RoPE;
-- Gemma 2 soft-caps attention scores (attn_logit_softcapping, layers/softcap_attention.py) and
+- Gemma 2 soft-caps attention scores (attn_logit_softcapping, layers/explicit_attention.py) and
   the final logits (final_logit_softcapping): cap * tanh(x / cap).
 
 Same paged contract and the same fused Q/K/V and gate/up parameters as models/llama.py, whose

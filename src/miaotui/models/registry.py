@@ -10,6 +10,7 @@ from miaotui.errors import UnsupportedModelError
 from miaotui.models.bloom import BloomForCausalLM
 from miaotui.models.gemma import GemmaForCausalLM
 from miaotui.models.gpt2 import GPT2LMHeadModel
+from miaotui.models.gpt_oss import GptOssForCausalLM
 from miaotui.models.llama import LlamaForCausalLM
 from miaotui.models.moe import MoEForCausalLM
 from miaotui.models.t5 import T5ForConditionalGeneration
@@ -20,6 +21,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its language model; images are not read
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MoEForCausalLM,
