@@ -85,6 +85,12 @@ def llama_family_config(arch: str, kwargs: dict[str, Any], meta: Callable[..., A
     (`rope_factors`: long_factor / short_factor lists, empty where the file has none)."""
     extra: dict[str, Any] = {}
     rope_scaling = _rope_scaling(meta)
+    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn":
+        # Checkpoints' YaRN runs (layers/rotary.py), but a file's is llama.cpp's, whose parameters
+        # (rope.scaling.yarn_*, attn_factor) are not read yet: refused rather than run with
+        # transformers' defaults, which may not be the file's.
+        raise UnsupportedModelError(f"{path}: RoPE type 'yarn' is not supported in GGUF files yet (its llama.cpp "
+                                    "parameters are not read); a Hugging Face folder of the model runs it")
     if arch == "phi3":
         # rope.dimension_count is the rotary width (partial_rotary_factor * head size), not the head size.
         head_dim = meta("attention.key_length") or kwargs["hidden_size"] // kwargs["num_attention_heads"]
