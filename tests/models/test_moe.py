@@ -147,12 +147,11 @@ def test_quantized_experts_keep_a_dense_router_and_match_their_dequantized_weigh
     assert_top_logprobs_match(out, ref, prompt)
 
 
-def test_stacked_expert_tensors_load_as_per_expert_ones(tmp_path, tiny):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])  # gpt-oss checkpoints are saved stacked already
+def test_stacked_expert_tensors_load_as_per_expert_ones(tmp_path, arch):
     """transformers 5's in-memory names (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I],
-    mlp.gate): a checkpoint saved from them loads to the same model."""
-    folder, hf = tiny
-    if hf.config.model_type == "gpt_oss":
-        pytest.skip("gpt-oss checkpoints are saved stacked already: the parity suite loads them")
+    mlp.gate): a checkpoint saved from them loads to the same model as the per-expert one."""
+    folder, hf = make_tiny_checkpoint(tmp_path / "per-expert", arch)
     stacked = tmp_path / "stacked"
     stacked.mkdir()
     for f in folder.iterdir():
