@@ -72,3 +72,13 @@ def test_mxfp4_and_bad_layer_types_are_refused(tmp_path):
     bad = GptOssConfig(**{**cfg, "layer_types": ["sliding_attention", "chunked_attention"] * 2})
     with pytest.raises(UnsupportedModelError, match="layer_types must name one of"):
         GptOssForCausalLM.check_config(bad)
+
+
+def test_tensor_parallelism_is_refused_by_name(tmp_path):
+    from miaotui.config import ModelConfig
+    from miaotui.loader import load_model, resolve_model
+
+    folder, _ = make_tiny_checkpoint(tmp_path / "m", "gpt_oss")
+    model, _ = load_model(resolve_model(str(folder)), ModelConfig(model=str(folder)))
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism does not shard gpt-oss yet"):
+        model.shard_for_tensor_parallel(0, 2)
