@@ -37,16 +37,10 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{LAYER_MAP[rest]}"
 
 
-def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
-                     tokenizer_from: str | None = None) -> Path:
-    """Write `hf_model` (a transformers LlamaForCausalLM, or Qwen2/Qwen3/SmolLM3 with `arch` to match) to `path`.
-
-    quant_for(gguf_tensor_name) -> a GGMLQuantizationType name ("F32", "Q8_0", ...).
-    tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
-    """
+def llama_family_writer(path: Path, cfg, arch: str):
+    """A GGUFWriter for `path` holding the Llama family's metadata of transformers config `cfg`."""
     import gguf
 
-    cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -58,11 +52,23 @@ def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
-    if arch == "qwen3":  # llama.cpp's converter writes the head size where it is the config's own
+    if arch in ("qwen3", "qwen3moe"):  # llama.cpp's converter writes the head size where it is the config's own
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(1)
+    return writer
+
+
+def write_llama_gguf(path: Path, hf_model, quant_for, arch: str = "llama",
+                     tokenizer_from: str | None = None) -> Path:
+    """Write `hf_model` (a transformers LlamaForCausalLM, or Qwen2/Qwen3/SmolLM3 with `arch` to match) to `path`.
+
+    quant_for(gguf_tensor_name) -> a GGMLQuantizationType name ("F32", "Q8_0", ...).
+    tokenizer_from: a GGUF file whose tokenizer.* metadata is copied over.
+    """
+    cfg = hf_model.config
+    writer = llama_family_writer(path, cfg, arch)
     if tokenizer_from:
         copy_tokenizer(writer, tokenizer_from)
     for name, tensor in hf_model.state_dict().items():

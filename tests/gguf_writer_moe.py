@@ -7,37 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.gguf_writer import add_tensor, finish, gguf_name, llama_cpp_permute
+from tests.gguf_writer import add_tensor, finish, gguf_name, llama_cpp_permute, llama_family_writer
 
 
 def write_moe_gguf(path: Path, hf_model, quant_for, arch: str) -> Path:
     """`hf_model`: a transformers MixtralForCausalLM (arch "llama") or Qwen3MoeForCausalLM
     ("qwen3moe"), whose in-memory experts are stacked (mlp.experts.gate_up_proj [E, 2I, H] with
     gate rows first, mlp.experts.down_proj [E, H, I]). quant_for(gguf name) -> a type name."""
-    import gguf
-
     cfg = hf_model.config
     experts = cfg.num_local_experts if arch == "llama" else cfg.num_experts
     expert_size = cfg.intermediate_size if arch == "llama" else cfg.moe_intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    writer.add_rope_dimension_count(head_dim)
+    writer = llama_family_writer(path, cfg, arch)
     writer.add_expert_count(experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
     if arch == "qwen3moe":
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
         writer.add_expert_feed_forward_length(expert_size)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(1)
     for name, tensor in hf_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue

@@ -22,13 +22,27 @@ def _fields(path: Path) -> tuple[dict, dict]:
             {t.name: t for t in reader.tensors})
 
 
+def _written(shape: str, tmp_path: Path):
+    """(the shape's config, its F16 file, the file's metadata, its tensors by name)."""
+    path = make_gguf.write_f16(shape, tmp_path / f"{shape}.gguf", progress=False)
+    return (make_gguf.hf_config(shape), path, *_fields(path))
+
+
+def _generates_4_tokens(llm, prompt: list[int]) -> list[int]:
+    from miaotui import SamplingParams
+
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
+    ids = out.outputs[0].token_ids
+    assert len(ids) == 4
+    return ids
+
+
 @pytest.mark.embedded
 def test_tiny_qwen3_file_loads_in_miaotui_and_generates(tmp_path):
-    from miaotui import LLM, SamplingParams
+    from miaotui import LLM
 
-    config = make_gguf.hf_config("tiny-qwen3")
-    path = make_gguf.write_f16("tiny-qwen3", tmp_path / "tiny-qwen3.gguf", progress=False)
-    meta, tensors = _fields(path)
+    config, path, meta, tensors = _written("tiny-qwen3", tmp_path)
     assert meta["general.architecture"] == "qwen3"
     assert meta["qwen3.attention.key_length"] == config.head_dim  # Q is heads x head_dim, not hidden
     assert "output.weight" not in tensors  # tied, as the converter writes it
@@ -42,18 +56,13 @@ def test_tiny_qwen3_file_loads_in_miaotui_and_generates(tmp_path):
             read.intermediate_size, read.vocab_size, read.tie_word_embeddings) == (
         "qwen3", config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
         config.intermediate_size, config.vocab_size, True)
-    out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]},
-                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
-    ids = out.outputs[0].token_ids
-    assert len(ids) == 4 and all(0 <= i < config.vocab_size for i in ids)
+    assert all(0 <= i < config.vocab_size for i in _generates_4_tokens(llm, [5, 6, 7, 8]))
 
 
 def test_tiny_gemma3_file_has_the_converter_layout_and_loads_in_miaotui(tmp_path):
-    from miaotui import LLM, SamplingParams
+    from miaotui import LLM
 
-    config = make_gguf.hf_config("tiny-gemma3")
-    path = make_gguf.write_f16("tiny-gemma3", tmp_path / "tiny-gemma3.gguf", progress=False)
-    meta, tensors = _fields(path)
+    config, path, meta, tensors = _written("tiny-gemma3", tmp_path)
     assert meta["general.architecture"] == "gemma3"
     assert meta["gemma3.rope.freq_base"] == 1e6 and meta["gemma3.rope.freq_base_swa"] == 1e4
     assert meta["gemma3.attention.sliding_window"] == config.sliding_window
@@ -73,18 +82,14 @@ def test_tiny_gemma3_file_has_the_converter_layout_and_loads_in_miaotui(tmp_path
         config.layer_types, config.sliding_window, config.query_pre_attn_scalar, config.head_dim)
     assert read.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
     assert read.rope_parameters["full_attention"]["rope_theta"] == 1e6
-    out = llm.generate({"prompt_token_ids": [300, 301, 302, 303]},
-                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 4
+    _generates_4_tokens(llm, [300, 301, 302, 303])
 
 
 @pytest.mark.embedded
 def test_tiny_qwen3moe_file_stacks_experts_and_loads_in_miaotui(tmp_path):
-    from miaotui import LLM, SamplingParams
+    from miaotui import LLM
 
-    config = make_gguf.hf_config("tiny-qwen3moe")
-    path = make_gguf.write_f16("tiny-qwen3moe", tmp_path / "tiny-qwen3moe.gguf", progress=False)
-    meta, tensors = _fields(path)
+    config, path, meta, tensors = _written("tiny-qwen3moe", tmp_path)
     assert meta["general.architecture"] == "qwen3moe"
     assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"]) == (8, 2)
     # GGUF lists dims innermost first: [hidden, expert size, experts] for gate / up.
@@ -95,6 +100,4 @@ def test_tiny_qwen3moe_file_stacks_experts_and_loads_in_miaotui(tmp_path):
     read = llm.engine.hf_config
     assert (read.model_type, read.num_experts, read.num_experts_per_tok, read.moe_intermediate_size,
             read.norm_topk_prob) == ("qwen3_moe", 8, 2, config.moe_intermediate_size, True)
-    out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]},
-                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 4
+    _generates_4_tokens(llm, [5, 6, 7, 8])
